@@ -1,0 +1,63 @@
+"""Per-sample losses for causal and sequence-to-sequence language models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, *, causal: bool, ignore_index: int = IGNORE_INDEX):
+    """Cross-entropy of every target token, shape (batch, length), and the mask of counted tokens.
+
+    For causal models the logits at position t predict the label at t + 1 (the shift transformers
+    applies); seq2seq logits are aligned with their labels. Tokens labelled `ignore_index` count zero.
+    """
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected logits (batch, length, vocab) and labels (batch, length), got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}."
+        )
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(labels.shape)
+    return losses, labels != ignore_index
+
+
+def per_sample_losses(
+    logits: torch.Tensor, labels: torch.Tensor, *, causal: bool, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Mean loss over each sample's target tokens (labels other than `ignore_index`), shape (batch,).
+
+    A sample without any target token has loss 0.
+    """
+    losses, counted = token_losses(logits, labels, causal=causal, ignore_index=ignore_index)
+    return losses.sum(1) / counted.sum(1).clamp(min=1)
+
+
+def forward_with_per_sample_losses(model, batch: Mapping[str, Any], ignore_index: int = IGNORE_INDEX):
+    """Run `model` on `batch` (which must hold `labels`) and return `(outputs, per_sample_losses)`.
+
+    `outputs.loss` is the usual token-level mean over the batch (what transformers computes), so the
+    step trains exactly as without FISH-DIP; the per-sample losses come from the same logits at no
+    extra forward cost. Works for causal LMs and encoder-decoder models such as T5.
+    """
+    if "labels" not in batch:
+        raise ValueError("the batch needs `labels` (ignore_index for tokens that are not targets).")
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = not getattr(base.config, "is_encoder_decoder", False)
+    if not causal and "decoder_input_ids" not in inputs:
+        inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+    outputs = model(**inputs)
+    losses, counted = token_losses(outputs.logits, labels, causal=causal, ignore_index=ignore_index)
+    outputs.loss = losses.sum() / counted.sum().clamp(min=1)
+    return outputs, losses.sum(1) / counted.sum(1).clamp(min=1)

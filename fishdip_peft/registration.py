@@ -1,0 +1,75 @@
+"""Registration of FISH-DIP as a PEFT method.
+
+peft 0.21 registers methods by a member of its `PeftType` enum, which has no FISHDIP member, so one
+is added here (the same object peft's own members are: a `str` enum member whose value is its name).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from peft.utils.peft_types import PeftType
+
+PEFT_METHOD_NAME = "fishdip"
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    if hasattr(PeftType, "_add_member_"):  # Python >= 3.13
+        PeftType._add_member_(name, member)
+    else:
+        PeftType._member_map_[name] = member
+        type.__setattr__(PeftType, name, member)
+    PeftType._value2member_map_[name] = member
+    if name not in PeftType._member_names_:
+        PeftType._member_names_.append(name)
+    return member
+
+
+FISHDIP_PEFT_TYPE = _add_peft_type_member(PEFT_METHOD_NAME.upper())
+
+
+def register() -> None:
+    """Make `get_peft_model` and `PeftModel.from_pretrained` know FISH-DIP (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from .config import FishDipConfig
+    from .model import FishDipModel
+
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(FISHDIP_PEFT_TYPE) is FishDipModel:
+        return
+    register_peft_method(name=PEFT_METHOD_NAME, config_cls=FishDipConfig, model_cls=FishDipModel)
+    _make_adapter_weight_writes_atomic()
+
+
+def atomic_save_file(tensors, filename, metadata=None) -> None:
+    """`safetensors.torch.save_file`, written to a temporary file then renamed over `filename`."""
+    from safetensors.torch import save_file
+
+    directory = os.path.dirname(os.path.abspath(filename))
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_path, metadata=metadata)
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, filename)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def _make_adapter_weight_writes_atomic() -> None:
+    """`PeftModel.save_pretrained` writes its weights in place; route it through `atomic_save_file`
+    so an interrupted save never leaves a truncated `adapter_model.safetensors`."""
+    import peft.peft_model
+
+    peft.peft_model.safe_save_file = atomic_save_file
