@@ -66,38 +66,13 @@ def _group_by_weight(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, to
 
 def validate_and_apply(state, tensors: dict[str, torch.Tensor]) -> None:
     """Add the file's deltas to the weights. Every check runs before the first weight changes."""
-    slots = {slot.name: slot for slot in state.slots}
+    entries = [_checked_entry(state, name, group) for name, group in _group_by_weight(tensors).items()]
     plan = []
-    for name, group in _group_by_weight(tensors).items():
-        missing = [f for f in FIELDS if f not in group]
-        if missing:
-            raise ValueError(f"the adapter entry for '{name}' lacks {missing}; the file is incomplete.")
-        slot = slots.get(name)
-        if slot is None:
-            raise ValueError(
-                f"the adapter changes '{name}', which is not an eligible weight of this model. Load it onto "
-                "the base model it was trained from, with the same target_modules/exclude_modules."
-            )
-        shape = tuple(group["fishdip_shape"].tolist())
-        if shape != tuple(slot.param.shape):
-            raise ValueError(
-                f"'{name}' has shape {tuple(slot.param.shape)} here but {shape} in the adapter: the adapter was "
-                "trained on a different base model."
-            )
-        positions = group["fishdip_indices"].to(torch.int64)
-        deltas = group["fishdip_deltas"]
-        if positions.dim() != 1 or positions.shape != deltas.shape:
-            raise ValueError(f"'{name}': indices and deltas must be 1-D of the same length.")
-        if positions.numel() and (
-            positions.min() < 0 or positions.max() >= slot.numel or bool((positions[1:] <= positions[:-1]).any())
-        ):
-            raise ValueError(f"'{name}': indices must be sorted, unique and inside the tensor.")
-        slot.follow_device()
-        positions = positions.to(slot.param.device)
+    for slot, positions, deltas, saved_fingerprint in entries:
         base = slot.flat[positions]
-        if not torch.equal(fingerprint(base), group["fishdip_fingerprint"].to(torch.uint8)):
+        if not torch.equal(fingerprint(base), saved_fingerprint.to(torch.uint8)):
             raise ValueError(
-                f"the base values of '{name}' differ from those the adapter was trained on: this is not the "
+                f"the base values of '{slot.name}' differ from those the adapter was trained on: this is not the "
                 "adapter's base model (or the model was already modified). Nothing was changed."
             )
         plan.append((slot, positions, base, deltas))
@@ -106,3 +81,32 @@ def validate_and_apply(state, tensors: dict[str, torch.Tensor]) -> None:
             slot.record_base(positions)
             updated = base.float() + deltas.to(slot.param.device, torch.float32)
             slot.flat.index_copy_(0, positions, updated.to(slot.param.dtype))
+
+
+def _checked_entry(state, name: str, group: dict[str, torch.Tensor]):
+    """The slot, positions and deltas of one weight's entry, after checking shape and indices."""
+    missing = [f for f in FIELDS if f not in group]
+    if missing:
+        raise ValueError(f"the adapter entry for '{name}' lacks {missing}; the file is incomplete.")
+    slot = next((s for s in state.slots if s.name == name), None)
+    if slot is None:
+        raise ValueError(
+            f"the adapter changes '{name}', which is not an eligible weight of this model. Load it onto "
+            "the base model it was trained from, with the same target_modules/exclude_modules."
+        )
+    shape = tuple(group["fishdip_shape"].tolist())
+    if shape != tuple(slot.param.shape):
+        raise ValueError(
+            f"'{name}' has shape {tuple(slot.param.shape)} here but {shape} in the adapter: the adapter was "
+            "trained on a different base model."
+        )
+    positions = group["fishdip_indices"].to(torch.int64)
+    deltas = group["fishdip_deltas"]
+    if positions.dim() != 1 or positions.shape != deltas.shape:
+        raise ValueError(f"'{name}': indices and deltas must be 1-D of the same length.")
+    if positions.numel() and (
+        positions.min() < 0 or positions.max() >= slot.numel or bool((positions[1:] <= positions[:-1]).any())
+    ):
+        raise ValueError(f"'{name}': indices must be sorted, unique and inside the tensor.")
+    slot.follow_device()
+    return slot, positions.to(slot.param.device), deltas, group["fishdip_fingerprint"]

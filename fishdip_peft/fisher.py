@@ -64,8 +64,8 @@ def empirical_fisher(
                 loss = model(**sample).loss
             if loss is None:
                 raise ValueError("the model returned no loss: the samples passed to step() need `labels`.")
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"a pooled sample has a non-finite loss ({float(loss)}).")
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"a pooled sample has a non-finite loss ({loss.detach().item()}).")
             loss.backward()
     finally:
         for handle in handles:

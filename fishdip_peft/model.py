@@ -175,12 +175,18 @@ class FishDipModel(BaseTuner):
 
         Call once per optimizer step with `losses`, the per-sample losses (1-D, one per sample, e.g.
         from `forward_with_per_sample_losses`), and `batch`, the model-input dict of that step
-        (same leading size, with `labels`). Call it after the forward pass and before or after
-        `backward()`, but before `optimizer.step()`: the mask it builds applies to this step's
-        update (the paper's order). The first call builds the first mask; then every
+        (same leading size, with `labels`). The first call builds the first mask; then every
         `update_every`-th call refreshes it (never, if `dynamic=False`). Returns True if the mask
-        changed. Non-finite losses are not pooled (with a warning); a refresh whose Fisher is not
-        finite is skipped with a warning and keeps the current mask.
+        changed.
+
+        Order: call it between the forward pass and `backward()` (the paper's order): a mask built
+        there applies to this step's update, since the backward reads the mask when it runs. Calling
+        it after `backward()` also works, but on a refresh step the entries new to the mask get no
+        gradient for that one step (their dense gradient is gone by then). Either way call it before
+        `optimizer.step()`.
+
+        Non-finite losses are not pooled (with a warning); a refresh whose Fisher is not finite is
+        skipped with a warning and keeps the current mask.
         """
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             raise ValueError(
@@ -301,8 +307,12 @@ class FishDipModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        checkpoint.validate_and_apply(_tuner_of(model).fishdip_state, state_dict)
-        return {}  # the deltas are applied; nothing is left for load_state_dict
+        state = _tuner_of(model).fishdip_state
+        checkpoint.validate_and_apply(state, state_dict)
+        # The deltas are now in the weights. The trainable values belong to a mask the file does not
+        # hold; passing them through unchanged keeps peft from reporting them as missing.
+        values_key = next(n for n, p in model.named_parameters() if p is state.values)
+        return {values_key: state.values.detach().clone()}
 
     # -- resumable training state --------------------------------------------------------------
     def training_state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,210 @@
+"""DESIGN invariants 5-7: sparse-delta checkpoints, wrong-base refusal, disable/unload/merge."""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import LlamaForCausalLM, PreTrainedModel
+
+from fishdip_peft import FishDipConfig
+from tests.models import (
+    causal_batch,
+    seq2seq_batch,
+    tiny_bert_classifier,
+    tiny_llama,
+    tiny_t5,
+)
+from tests.test_training_invariants import train
+
+FACTORIES = {"llama": (tiny_llama, causal_batch), "t5": (tiny_t5, seq2seq_batch)}
+
+
+def trained(factory, make_batch, steps=4, **config):
+    config = {"density": 0.05, "update_every": 2, "num_regressing": 3, **config}
+    model = get_peft_model(factory(), FishDipConfig(**config))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    train(model, optimizer, steps=steps, make_batch=make_batch)
+    return model
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}, labels=batch["labels"]).logits
+
+
+def changed_entries(model, factory):
+    base = dict(factory().named_parameters())
+    return sum(int((p != base[n]).sum()) for n, p in model.base_model.eligible_parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(FACTORIES))
+def test_save_and_load_reproduce_the_trained_model(arch, tmp_path):
+    factory, make_batch = FACTORIES[arch]
+    model = trained(factory, make_batch)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(factory(), tmp_path)
+    batch = make_batch(99)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=0)
+
+
+def test_file_holds_only_sparse_entries_of_changed_weights(tmp_path):
+    model = trained(tiny_llama, causal_batch)
+    model.save_pretrained(tmp_path)
+    changed = changed_entries(model, tiny_llama)
+    eligible = dict(model.base_model.eligible_parameters())
+    stored = 0
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        for key in f.keys():
+            name, _, field = key.rpartition(".")
+            assert name.startswith("base_model.model.") and field.startswith("fishdip_")
+            tensor = f.get_tensor(key)
+            weight = eligible[name.removeprefix("base_model.model.")]
+            if field == "fishdip_indices":
+                assert tensor.dtype == torch.int32
+                assert torch.all(tensor[1:] > tensor[:-1])
+                stored += tensor.numel()
+            assert tensor.numel() < weight.numel() or weight.numel() <= 32
+    assert stored == changed > 0
+    assert stored <= model.base_model.mask.numel() * 0.5
+
+
+def test_payload_is_eight_bytes_per_changed_entry(tmp_path):
+    model = trained(tiny_llama, causal_batch, steps=2, update_every=100, density=0.5)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    payload = os.path.getsize(path) - 8 - header_length
+    shapes = {k: t.numel() for k, t in _tensors(path).items() if k.endswith("fishdip_shape")}
+    per_tensor = sum(32 + 8 * ndim for ndim in shapes.values())  # fingerprint + shape
+    assert payload == 8 * changed_entries(model, tiny_llama) + per_tensor
+
+
+def _tensors(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_bfloat16_deltas_halve_the_values(tmp_path):
+    model = trained(tiny_llama, causal_batch, delta_dtype="bfloat16")
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith("fishdip_deltas")}
+    assert dtypes == {torch.bfloat16}
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    batch = causal_batch(5)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=2e-2, rtol=0)
+
+
+def test_loading_onto_a_different_base_fails_and_changes_nothing(tmp_path):
+    model = trained(tiny_llama, causal_batch)
+    model.save_pretrained(tmp_path)
+    other = tiny_llama(seed=1)
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="differ from those the adapter was trained on"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+
+
+def test_loading_onto_a_base_of_another_shape_fails_and_changes_nothing(tmp_path):
+    model = trained(tiny_llama, causal_batch)
+    model.save_pretrained(tmp_path)
+    config = tiny_llama().config
+    config.vocab_size = 72
+    other = LlamaForCausalLM(config)
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="different base model"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = trained(tiny_llama, causal_batch)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    original = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert path.read_bytes() == original
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_disable_adapter_gives_the_base_outputs_exactly():
+    model = trained(tiny_llama, causal_batch)
+    batch = causal_batch(3)
+    trained_logits = logits(model, batch)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, batch), logits(tiny_llama(), batch))
+    assert torch.equal(logits(model, batch), trained_logits)
+
+
+@pytest.mark.parametrize("arch", sorted(FACTORIES))
+def test_unload_restores_the_base_weights_bit_for_bit(arch):
+    factory, make_batch = FACTORIES[arch]
+    model = trained(factory, make_batch)
+    base = model.unload()
+    assert type(base) is type(factory())
+    reference = factory().state_dict()
+    assert all(torch.equal(t, reference[k]) for k, t in base.state_dict().items())
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_merge_and_unload_returns_a_plain_model_computing_the_trained_outputs():
+    model = trained(tiny_llama, causal_batch)
+    batch = causal_batch(3)
+    expected = logits(model, batch)
+    merged = model.merge_and_unload()
+    assert isinstance(merged, PreTrainedModel) and not hasattr(merged, "peft_config")
+    assert torch.equal(logits(merged, batch), expected)
+    outputs = merged(**causal_batch(4))
+    outputs.loss.backward()  # no FISH-DIP hook is left behind
+    assert merged.model.embed_tokens.weight.grad is not None
+
+
+def test_print_trainable_parameters_reports_k(capsys):
+    model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05))
+    model.print_trainable_parameters()
+    k = model.base_model.num_trainable
+    assert f"trainable params: {k:,}" in capsys.readouterr().out
+
+
+def test_encoder_classifier_trains_and_round_trips(tmp_path):
+    model = get_peft_model(tiny_bert_classifier(), FishDipConfig(density=0.05, num_regressing=2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 64, (4, 8), generator=g), "labels": torch.tensor([0, 1, 2, 1])}
+    outputs = model(**batch)
+    losses = torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+    model.step(losses, batch)
+    outputs.loss.backward()
+    optimizer.step()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_trainable_load_continues_training(tmp_path):
+    model = trained(tiny_llama, causal_batch)
+    model.save_pretrained(tmp_path)
+    resumed = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    values = resumed.base_model.fishdip_state.values
+    assert values.requires_grad
+    optimizer = torch.optim.AdamW([values], lr=1e-2)
+    train(resumed, optimizer, steps=2)
+    resumed.save_pretrained(tmp_path / "again")
+    # Deltas stay relative to the original base, so the new file loads onto a fresh base.
+    again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "again")
+    batch = causal_batch(8)
+    torch.testing.assert_close(logits(again, batch), logits(resumed, batch), atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["peft_type"] == "FISHDIP"
