@@ -85,6 +85,7 @@ class FishDipModel(BaseTuner):
         self._refreshes = 0
         self._adapters_disabled_stash = None
         self._computing_fisher = False
+        self._warned_no_mask = False
         self._hooks = self._register_hooks(model)
         self.targeted_parameter_names = [name for name, _ in named]
 
@@ -139,6 +140,12 @@ class FishDipModel(BaseTuner):
     def _after_optimizer_step(self, optimizer) -> None:
         values = self.fishdip_state.values
         if any(p is values for group in optimizer.param_groups for p in group["params"]):
+            if self._refreshes == 0 and not self._warned_no_mask:
+                self._warned_no_mask = True
+                warnings.warn(
+                    "optimizer.step() ran before any mask was built, so nothing was trained: call "
+                    "model.step(per_sample_losses, batch) once per training step, before optimizer.step()."
+                )
             self.fishdip_state.write_back()
             if not any(ref() is optimizer for ref in self.fishdip_state.optimizers):
                 self.fishdip_state.optimizers.append(weakref.ref(optimizer))

@@ -122,3 +122,11 @@ def test_per_sample_losses_ignore_the_ignore_index():
     assert losses[0] < 1e-3 and losses[1] == 0.0
     with pytest.raises(ValueError, match="expected logits"):
         per_sample_losses(logits, labels[:, :2], causal=True)
+
+
+def test_optimizer_step_without_any_mask_warns_that_nothing_trains():
+    model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    forward_with_per_sample_losses(model, causal_batch(0))[0].loss.backward()
+    with pytest.warns(UserWarning, match="before any mask was built"):
+        optimizer.step()
