@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import FishDipConfig
 from .fisher import empirical_fisher, trim_right_padding
 from .pool import RegressingPool, batch_size_of
@@ -146,7 +146,7 @@ class FishDipModel(BaseTuner):
                     "optimizer.step() ran before any mask was built, so nothing was trained: call "
                     "model.step(per_sample_losses, batch) once per training step, before optimizer.step()."
                 )
-            self.fishdip_state.write_back()
+            self.fishdip_state.write_back(force=True)  # fused optimizers do not bump `values._version`
             if not any(ref() is optimizer for ref in self.fishdip_state.optimizers):
                 self.fishdip_state.optimizers.append(weakref.ref(optimizer))
 
@@ -169,6 +169,15 @@ class FishDipModel(BaseTuner):
     @property
     def refresh_count(self) -> int:
         return self._refreshes
+
+    @property
+    def step_count(self) -> int:
+        """Number of `step()` calls so far."""
+        return self._steps
+
+    def pool_losses(self) -> list[float]:
+        """Losses of the samples pooled since the last refresh, highest first (empty if not sample-aware)."""
+        return self._pool.losses()
 
     # -- the FISH-DIP step ----------------------------------------------------------------------
     def _refresh_due(self, call: int) -> bool:
@@ -195,6 +204,18 @@ class FishDipModel(BaseTuner):
         Non-finite losses are not pooled (with a warning); a refresh whose Fisher is not finite is
         skipped with a warning and keeps the current mask.
         """
+        self.offer(losses, batch)
+        self._steps += 1
+        if not self._refresh_due(self._steps):
+            return False
+        return self.refresh_mask()
+
+    def offer(self, losses: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        """Pool the samples of `batch` like `step` does, without counting a step.
+
+        With gradient accumulation, call `step` on one micro-batch of each optimizer step (before
+        its backward) and `offer` on the others, so that refreshes count optimizer steps.
+        """
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             raise ValueError(
                 f"losses must be a 1-D tensor with one loss per sample, got "
@@ -212,13 +233,15 @@ class FishDipModel(BaseTuner):
             rows = keep if not bool(finite.all()) else None
             pooled_batch = batch if rows is None else _select_rows(batch, rows, size)
             self._pool.offer(losses.detach()[keep], pooled_batch)
-        self._steps += 1
-        if not self._refresh_due(self._steps):
-            return False
-        return self.refresh_mask()
 
     def refresh_mask(self) -> bool:
-        """Recompute the mask from the pooled samples now and empty the pool."""
+        """Recompute the mask from the pooled samples now and empty the pool.
+
+        With several processes (torch.distributed initialized), every process must call it: the
+        Fisher is that of the top-n samples of all processes' pools and every process gets the same mask.
+        """
+        if distributed.is_multi_process():
+            return distributed.refresh_mask_across_ranks(self)
         if len(self._pool) == 0:
             warnings.warn("no finite-loss sample was pooled since the last refresh; the mask is kept.")
             return False
@@ -332,7 +355,59 @@ class FishDipModel(BaseTuner):
             "index": [slot.index.cpu() for slot in state.slots],
             "touched": [slot.touched.cpu() for slot in state.slots],
             "base": [slot.base.cpu() for slot in state.slots],
+            "weights": [slot.flat[slot.touched].cpu() for slot in self._written_slots()],
+            "values": state.values.detach().cpu().clone(),
+            "names": [slot.name for slot in state.slots],
+            "shapes": [tuple(slot.param.shape) for slot in state.slots],
         }
+
+    def _written_slots(self):
+        self.fishdip_state.write_back()
+        self.fishdip_state.follow_devices()
+        return self.fishdip_state.slots
+
+    def load_training_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what `training_state_dict` returned, exactly: the weights at every entry ever trained,
+        the trainable values, the mask, the pool and the step counters.
+
+        The model must hold the same base weights (fresh, or trained from them: entries trained since
+        are put back first). Every check runs before anything changes.
+        """
+        state = self.fishdip_state
+        if self._adapters_disabled_stash is not None:
+            raise RuntimeError("enable the adapter (leave disable_adapter()) before loading a training state.")
+        names, shapes = [slot.name for slot in state.slots], [tuple(slot.param.shape) for slot in state.slots]
+        if list(state_dict["names"]) != names or [tuple(s) for s in state_dict["shapes"]] != shapes:
+            raise ValueError("the training state is for other eligible weights (another model or target_modules).")
+        if state_dict["values"].numel() != state.k:
+            raise ValueError(
+                f"the training state has {state_dict['values'].numel()} trainable values; this model has K={state.k}."
+            )
+        for slot, touched, base in zip(self._written_slots(), state_dict["touched"], state_dict["base"]):
+            if base.dtype != slot.param.dtype:
+                raise ValueError(
+                    f"'{slot.name}' is {slot.param.dtype} here but was {base.dtype} in training; load the same dtype."
+                )
+            if not torch.equal(_base_values_at(slot, touched.to(slot.param.device)).cpu(), base):
+                raise ValueError(
+                    f"the base values of '{slot.name}' differ from those the training state was made from: this "
+                    "is not the same base model. Nothing was changed."
+                )
+        state.restore(
+            state_dict["index"], state_dict["touched"], state_dict["base"], state_dict["weights"], state_dict["values"]
+        )
+        self._pool.load_state_dict(distributed.to_device(state_dict["pool"], state.values.device))
+        self._steps, self._refreshes = int(state_dict["steps"]), int(state_dict["refreshes"])
+
+
+def _base_values_at(slot, positions: torch.Tensor) -> torch.Tensor:
+    """The base (pre-training) values of `slot`'s weight at `positions`."""
+    values = slot.flat[positions].clone()
+    if slot.touched.numel() and positions.numel():
+        found = torch.searchsorted(slot.touched, positions).clamp(max=slot.touched.numel() - 1)
+        hit = slot.touched[found] == positions
+        values[hit] = slot.base[found[hit]]
+    return values
 
 
 def _select_rows(batch: Mapping[str, Any], rows: torch.Tensor, size: int) -> dict[str, Any]:

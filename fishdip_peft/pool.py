@@ -56,6 +56,14 @@ class RegressingPool:
     def losses(self) -> list[float]:
         return [key for key, _, _ in sorted(self._entries, reverse=True)] if self.sample_aware else []
 
+    def keys(self) -> list[tuple[float, int]]:
+        """`(key, -arrival)` of the pooled samples, in the order `drain()` returns them."""
+        return sorted((entry[:2] for entry in self._entries), reverse=True)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random keys of the uniform pool (`sample_aware=False`) from `seed`."""
+        self._rng = random.Random(seed)
+
     def drain(self) -> list[dict[str, Any]]:
         """The pooled samples, highest key first; empties the pool."""
         samples = [sample for _, _, sample in sorted(self._entries, key=lambda e: e[:2], reverse=True)]

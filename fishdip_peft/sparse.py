@@ -110,6 +110,7 @@ class SparseTrainingState(nn.Module, BaseTunerLayer):
         self.register_buffer("mask", torch.zeros(offset, dtype=torch.bool, device=device), persistent=False)
         self._written_version: Optional[int] = self.values._version
         self.optimizers = []  # weak references to the optimizers that stepped `values`
+        self.grad_writes = 0  # backward contributions to `values.grad` so far
 
     @property
     def values(self) -> nn.Parameter:
@@ -119,6 +120,7 @@ class SparseTrainingState(nn.Module, BaseTunerLayer):
     def accumulate_grad(self, slot: ParamSlot, grad_weight: torch.Tensor) -> None:
         if slot.index.numel() == 0:
             return
+        self.grad_writes += 1
         picked = grad_weight.reshape(-1).index_select(0, slot.index.to(grad_weight.device))
         if self.values.grad is None:
             self.values.grad = torch.zeros_like(self.values)
@@ -139,6 +141,26 @@ class SparseTrainingState(nn.Module, BaseTunerLayer):
     def follow_devices(self) -> None:
         for slot in self.slots:
             slot.follow_device()
+
+    @torch.no_grad()
+    def restore(self, index, touched, base, weights, values: torch.Tensor) -> None:
+        """Put back a saved selection: per slot the trainable positions `index`, the positions ever
+        trainable `touched` with their `base` and current `weights` values; and `values`. Entries
+        touched now but not in the saved state get their base values back. No check is made."""
+        offset = 0
+        for slot, positions, ever, ever_base, current in zip(self.slots, index, touched, base, weights):
+            slot.follow_device()
+            device, dtype = slot.param.device, slot.param.dtype
+            slot.flat.index_copy_(0, slot.touched, slot.base)
+            slot.touched, slot.base = ever.to(device), ever_base.to(device, dtype)
+            slot.flat.index_copy_(0, slot.touched, current.to(device, dtype))
+            slot.index, slot.value_offset = positions.to(device), offset
+            offset += positions.numel()
+        self.values.copy_(values.to(self.values.device, self.values.dtype))
+        self.values.grad = None
+        self._written_version = self.values._version
+        self.mask.zero_()
+        self.mask[self.flat_selection().to(self.mask.device)] = True
 
     # -- mask refresh ---------------------------------------------------------------------------
     def flat_selection(self) -> torch.Tensor:
