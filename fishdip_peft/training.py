@@ -1,0 +1,222 @@
+"""FISH-DIP with the Hugging Face Trainer: `FishDipTrainer` and `FishDipSeq2SeqTrainer`.
+
+Both are drop-in replacements for `Trainer` / `Seq2SeqTrainer` on a model built by
+`get_peft_model(model, FishDipConfig(...))`. On every training micro-batch the per-sample losses
+are computed from the logits the loss came from and the samples are pooled; on the first
+micro-batch of each optimizer step, between its forward and backward, `FishDipModel.step` counts
+the step and refreshes the mask when due, so `update_every` counts optimizer steps and a refresh
+never falls inside a gradient accumulation. Checkpoints hold `fishdip_state.pt`, from which
+training resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from . import distributed
+from .distributed import fishdip_tuner
+from .losses import IGNORE_INDEX, per_sample_losses
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "fishdip_state.pt"
+STATE_FORMAT = 1
+
+
+# -- per-sample losses -------------------------------------------------------------------------------
+def per_sample_losses_from_outputs(model, outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample losses (1-D, detached) from a model's outputs and the batch's labels.
+
+    Language models (logits `(batch, length, vocab)`): mean cross-entropy over each sample's target
+    tokens (labels other than -100), shifted for causal models. Sequence classification (logits
+    `(batch, classes)`): cross-entropy, or squared error for one-output regression.
+    """
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
+    logits, labels = logits.detach(), labels.to(logits.device)
+    if logits.dim() == 3:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal = not getattr(base.config, "is_encoder_decoder", False)
+        return per_sample_losses(logits, labels, causal=causal, ignore_index=IGNORE_INDEX)
+    if logits.dim() == 2 and labels.dim() == 1:
+        if logits.shape[1] == 1 and labels.is_floating_point():
+            return (logits[:, 0].float() - labels.float()) ** 2
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    raise ValueError(
+        f"cannot derive per-sample losses from logits {tuple(logits.shape)} and labels {tuple(labels.shape)}; "
+        "override FishDipTrainer.per_sample_losses for this model."
+    )
+
+
+# -- checkpoint state --------------------------------------------------------------------------------
+def has_training_state(directory: Optional[str]) -> bool:
+    return directory is not None and os.path.isfile(os.path.join(directory, STATE_NAME))
+
+
+def save_training_state(model, directory: str, write: bool = True) -> None:
+    """Write `directory/fishdip_state.pt`: the mask, the trained values and weights, every process's
+    pool and the step counters. Every process must call it (the pools are gathered); only those with
+    `write=True` write. The file appears whole or not at all."""
+    tuner = fishdip_tuner(model)
+    state = tuner.training_state_dict()
+    state.pop("pool")
+    state["pools"] = distributed.gather_pool_states(tuner)
+    state["format"] = STATE_FORMAT
+    if write:
+        os.makedirs(directory, exist_ok=True)
+        _atomic_torch_save(state, os.path.join(directory, STATE_NAME))
+
+
+def load_training_state(model, directory: str) -> None:
+    """Restore what `save_training_state` wrote into `directory` (see `FishDipModel.load_training_state_dict`)."""
+    tuner = fishdip_tuner(model)
+    path = os.path.join(directory, STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: this checkpoint was not written by FishDipTrainer.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} has format {state.get('format')!r}; this version reads format {STATE_FORMAT}.")
+    state["pool"] = distributed.pool_state_for_this_process(
+        state.pop("pools"), tuner.peft_config[tuner.active_adapter].num_regressing
+    )
+    tuner.load_training_state_dict(state)
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+# -- the Trainer -------------------------------------------------------------------------------------
+class FishDipTrainerMixin:
+    """What `FishDipTrainer` adds to a `transformers.Trainer` (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fishdip_tuner(self.model)
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                "FISH-DIP does not run under torch.nn.DataParallel (one process, several GPUs): launch one "
+                "process per GPU with `accelerate launch` or torchrun instead."
+            )
+        self._fishdip_counted_step: Optional[int] = None
+        self._fishdip_in_training_step = False
+
+    @property
+    def fishdip_model(self):
+        """The `FishDipModel` being trained."""
+        return fishdip_tuner(self.model)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        distributed.check_accelerator(self.accelerator)
+        distributed.keep_fishdip_models_unwrapped(self.accelerator)
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int):
+        super().create_optimizer_and_scheduler(num_training_steps)
+        distributed.register_optimizer(self.model, self.optimizer)
+
+    def train(self, *args, **kwargs):
+        self._fishdip_counted_step = None
+        return super().train(*args, **kwargs)
+
+    # -- the step ------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._fishdip_in_training_step = True
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._fishdip_in_training_step = False
+        if self.accelerator.sync_gradients:
+            distributed.sync_gradients(self.model)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._fishdip_in_training_step:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if "labels" not in inputs:
+            raise ValueError("FISH-DIP ranks samples by their loss: the training batches need `labels`.")
+        batch = dict(inputs)
+        loss, outputs = super().compute_loss(
+            model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        self._fishdip_record(self.per_sample_losses(model, outputs, batch), batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def per_sample_losses(self, model, outputs, batch: Mapping[str, Any]) -> torch.Tensor:
+        """One loss per sample of `batch`, used to pool the highest-loss samples. Override for models
+        whose outputs `per_sample_losses_from_outputs` does not handle."""
+        return per_sample_losses_from_outputs(model, outputs, batch["labels"])
+
+    def _fishdip_record(self, losses: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        tuner = self.fishdip_model
+        if self._fishdip_counted_step != self.state.global_step:
+            self._fishdip_counted_step = self.state.global_step
+            tuner.step(losses, batch)
+        else:
+            tuner.offer(losses, batch)
+
+    # -- logging -------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs:
+            tuner = self.fishdip_model
+            logs["fishdip_refreshes"] = tuner.refresh_count
+            logs["fishdip_k"] = tuner.num_trainable
+            pooled = tuner.pool_losses()
+            if pooled:
+                logs["fishdip_pool_loss_max"] = pooled[0]
+                logs["fishdip_pool_loss_min"] = pooled[-1]
+        super().log(logs, start_time)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        directory = os.path.join(self._get_output_dir(trial=trial), folder)
+        save_training_state(self.model, directory, write=self.args.should_save)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        if has_training_state(resume_from_checkpoint):
+            load_training_state(model, resume_from_checkpoint)
+            return
+        logger.warning(
+            "%s holds no %s: loading the adapter deltas only; the mask is rebuilt at the next step and "
+            "training does not resume exactly.",
+            resume_from_checkpoint,
+            STATE_NAME,
+        )
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if has_training_state(self.state.best_model_checkpoint):
+            load_training_state(self.model, self.state.best_model_checkpoint)
+        else:
+            super()._load_best_model()
+
+
+class FishDipTrainer(FishDipTrainerMixin, Trainer):
+    """`transformers.Trainer` for FISH-DIP models; use it exactly like `Trainer`."""
+
+
+class FishDipSeq2SeqTrainer(FishDipTrainerMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` for FISH-DIP models; use it exactly like `Seq2SeqTrainer`."""
