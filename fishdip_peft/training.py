@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import distributed
@@ -206,6 +207,15 @@ class FishDipTrainerMixin:
             STATE_NAME,
         )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # Trainer maps the files onto `args.device`, "cpu:<rank>" here, which torch.load cannot restore to.
+        optimizer_file, scheduler_file = (os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME))
+        if os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file):
+            self.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
 
     def _load_best_model(self):
         if has_training_state(self.state.best_model_checkpoint):
