@@ -143,7 +143,8 @@ def main(argv=None) -> dict:
             for method in METHODS:
                 summary[method]["step_over_lora_trainer"] = round(summary[method]["median_step_ms"] / lora, 3)
             fishdip = summary["fishdip-trainer"]
-            fishdip["trainer_over_loop"] = round(fishdip["median_step_ms"] / summary["fishdip-loop"]["median_step_ms"], 3)
+            loop = summary["fishdip-loop"]["median_step_ms"]
+            fishdip["trainer_over_loop"] = round(fishdip["median_step_ms"] / loop, 3)
             results[size] = {"model": SIZES[size], "parameters": sum(p.numel() for p in base_model(size).parameters()),
                              "methods": summary}
             print(size, json.dumps(summary, indent=1))

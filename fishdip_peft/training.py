@@ -117,6 +117,12 @@ class FishDipTrainerMixin:
                 "FISH-DIP does not run under torch.nn.DataParallel (one process, several GPUs): launch one "
                 "process per GPU with `accelerate launch` or torchrun instead."
             )
+        checkpointing = self.args.gradient_checkpointing_kwargs or {}
+        if self.args.gradient_checkpointing and checkpointing.get("use_reentrant", True) is False:
+            raise ValueError(
+                "FISH-DIP supports gradient checkpointing with use_reentrant=True (the default) only: the mask "
+                "may change between the forward pass and its recomputation, which non-reentrant checkpointing rejects."
+            )
         self._fishdip_counted_step: Optional[int] = None
         self._fishdip_in_training_step = False
 

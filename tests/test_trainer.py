@@ -94,7 +94,8 @@ class Recorder:
 def test_refresh_counts_optimizer_steps_and_never_splits_an_accumulation(tmp_path):
     model = fishdip_llama()
     trainer = FishDipTrainer(
-        model=model, args=training_args(tmp_path, steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        model=model,
+        args=training_args(tmp_path, steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2),
         train_dataset=RowDataset(),
     )
     recorder = Recorder(trainer)
@@ -180,6 +181,19 @@ def test_bf16_base_weights_and_bf16_mixed_precision(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(base, eligible_weights(model))
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    runs = []
+    for checkpointing in (False, True):
+        model = fishdip_llama()
+        args = training_args(tmp_path, steps=3, gradient_checkpointing=checkpointing)
+        FishDipTrainer(model=model, args=args, train_dataset=RowDataset()).train()
+        runs.append((model.base_model.mask.clone(), eligible_weights(model)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    args = training_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        FishDipTrainer(model=fishdip_llama(), args=args, train_dataset=RowDataset(8))
 
 
 def test_seq2seq_trainer_trains_and_evaluates_t5(tmp_path):
