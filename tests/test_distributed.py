@@ -43,6 +43,54 @@ def train(output_dir: str, batch: int, resume=None, **overrides):
     return trainer
 
 
+def edge_cases() -> dict:
+    """Direct `step()` calls with per-process batches: a uniform pool, a process that pools nothing,
+    and a process whose Fisher fails."""
+    import warnings
+
+    from fishdip_peft import distributed, forward_with_per_sample_losses
+    from tests.models import causal_batch
+    from tests.test_trainer import fishdip_llama
+
+    rank, results = distributed.rank(), {}
+
+    def steps(model, count, nan_on=None):
+        for i in range(count):
+            batch = causal_batch(10 * i + rank)
+            outputs, losses = forward_with_per_sample_losses(model, batch)
+            if rank == nan_on:
+                losses = torch.full_like(losses, float("nan"))
+            model.base_model.step(losses, batch)
+
+    uniform = fishdip_llama(sample_aware=False)
+    distributed.sync_initial_state(uniform)
+    steps(uniform, 2)
+    results["uniform_keys"] = uniform.base_model._pool.keys()
+    steps(uniform, 1)
+    results["uniform_mask"] = uniform.base_model.mask.clone()
+
+    lonely = fishdip_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steps(lonely, 1, nan_on=1)
+    results["lonely"] = (lonely.base_model.refresh_count, lonely.base_model.mask.clone())
+
+    failing = fishdip_llama()
+    steps(failing, 1)
+    original = distributed.empirical_fisher
+    if rank == 1:
+        def fail(*args, **kwargs):
+            raise FloatingPointError("injected")
+        distributed.empirical_fisher = fail
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps(failing, 2)
+    distributed.empirical_fisher = original
+    results["failing"] = (failing.base_model.refresh_count, failing.base_model.mask.clone(),
+                          any("not finite" in str(w.message) for w in caught))
+    return results
+
+
 def worker(out: str) -> None:
     torch.set_num_threads(1)
     full = train(os.path.join(out, "full"), BATCH_PER_PROCESS)
@@ -50,7 +98,8 @@ def worker(out: str) -> None:
     resumed = train(os.path.join(out, "resumed"), BATCH_PER_PROCESS,
                     resume=os.path.join(out, "full", f"checkpoint-{CHECKPOINT}"))
     rank = full.accelerator.process_index
-    torch.save({"full": result_of(full), "resumed": result_of(resumed)}, os.path.join(out, f"rank{rank}.pt"))
+    result = {"full": result_of(full), "resumed": result_of(resumed), "edge": edge_cases()}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # an exit with the gloo group alive can abort
 
@@ -82,6 +131,15 @@ def test_two_processes_keep_one_mask_and_resume_exactly(tmp_path):
         assert torch.equal(ranks[0]["full"][key], ranks[0]["resumed"][key]), key
     assert ranks[0]["full"]["counters"] == ranks[0]["resumed"]["counters"] == (STEPS, 3, STEPS)
     assert ranks[0]["full"]["losses"] == ranks[0]["resumed"]["losses"]  # the resumed log includes the first part
+
+    edge = [r["edge"] for r in ranks]
+    assert edge[0]["uniform_keys"] != edge[1]["uniform_keys"]  # each process draws its own random keys
+    assert torch.equal(edge[0]["uniform_mask"], edge[1]["uniform_mask"])
+    assert edge[0]["lonely"][0] == edge[1]["lonely"][0] == 1  # built from process 0's samples alone
+    assert torch.equal(edge[0]["lonely"][1], edge[1]["lonely"][1])
+    assert edge[0]["failing"][0] == edge[1]["failing"][0] == 1  # the failed refresh is skipped everywhere
+    assert torch.equal(edge[0]["failing"][1], edge[1]["failing"][1])
+    assert edge[0]["failing"][2] and edge[1]["failing"][2]
 
     torch.set_num_threads(1)
     alone = result_of(train(str(tmp_path / "alone"), 2 * BATCH_PER_PROCESS))
