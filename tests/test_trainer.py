@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -27,11 +28,16 @@ CONFIG = dict(density=0.05, update_every=2, num_regressing=3)
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
-    threads = torch.get_num_threads()
+    """Tiny models run fastest on one thread (and do not stall when the cores are shared). Afterwards the
+    environment and accelerate's process-wide state are put back: TrainingArguments(bf16=True) sets
+    ACCELERATE_MIXED_PRECISION, which later Trainers in this process would otherwise inherit."""
+    threads, environment = torch.get_num_threads(), dict(os.environ)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(environment)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 class RowDataset(torch.utils.data.Dataset):
