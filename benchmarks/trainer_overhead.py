@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -150,7 +151,7 @@ def main(argv=None) -> dict:
             print(size, json.dumps(summary, indent=1))
 
     report = {
-        "command": "python -m benchmarks.trainer_overhead " + " ".join(argv or []),
+        "command": " ".join(["python -m benchmarks.trainer_overhead", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {"batch": BATCH, "length": LENGTH, "steps": args.steps, "warmup": args.warmup,
                      "repeats": args.repeats, "update_every": args.update_every, **FISHDIP,
                      "lora": "r=8, alpha=16, all linear layers", "optimizer": "Trainer default (AdamW), lr 1e-3"},
