@@ -5,10 +5,10 @@ autograd, so `DistributedDataParallel` would never see it. A FISH-DIP model is t
 in DDP; instead:
 - `sync_gradients` averages `values.grad` over the processes (one all-reduce of K + 1 floats),
   before gradient clipping and the optimizer step, which is what DDP would have done;
-- `refresh_mask_across_ranks` ranks the weights by the Fisher of the global top-n samples: every
-  process keeps its own pool, the pools' keys are gathered, each process computes the Fisher of its
-  own share of the global top-n and the scores are summed by an all-reduce, so every process gets
-  the same scores bit for bit and selects the same entries;
+- a mask refresh ranks the weights by the Fisher of the global top-n samples: every process keeps
+  its own pool, the pools' keys are gathered (`my_share_of_pool`), each process computes the Fisher
+  of its own share of the global top-n and the scores are summed by an all-reduce
+  (`sum_across_processes`), so every process gets the same scores bit for bit and the same entries;
 - `sync_initial_state` broadcasts the parameters and buffers of process 0, as DDP does.
 """
 
@@ -17,14 +17,12 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .fisher import empirical_fisher, trim_right_padding
-from .selection import global_topk_indices
 
 _synced_at: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 _hooked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
@@ -143,35 +141,10 @@ def _broadcast_in_place(tensor: torch.Tensor) -> None:
 
 
 # -- mask refresh ------------------------------------------------------------------------------------
-def refresh_mask_across_ranks(tuner) -> bool:
-    """`FishDipModel.refresh_mask` over all processes: same samples, same scores, same mask."""
-    pool, state = tuner._pool, tuner.fishdip_state
-    mine, total = _my_share_of_global_top(pool.keys(), pool.capacity, state.values.device)
-    samples = pool.drain()
-    if total == 0:
-        warnings.warn("no finite-loss sample was pooled since the last refresh on any process; the mask is kept.")
-        return False
-    samples = [samples[i] for i in mine]
-    if not getattr(tuner.model.config, "is_encoder_decoder", False):
-        samples = [trim_right_padding(s) for s in samples]
-    state.write_back()
-    params = [slot.param for slot in state.slots]
-    scores = _fisher_sum(tuner, samples, params)
-    for score in scores:
-        dist.all_reduce(score)
-        score.div_(total)
-    if not all(bool(torch.isfinite(s).all()) for s in scores):
-        warnings.warn("mask refresh skipped: the Fisher information is not finite.")
-        return False
-    changed = state.set_selection(global_topk_indices(scores, state.k))
-    tuner._refreshes += 1
-    return changed
-
-
-def _my_share_of_global_top(keys: Sequence[tuple[float, int]], capacity: int, device) -> tuple[list[int], int]:
-    """Positions (in `keys` order) of this process's samples among the `capacity` best of all
-    processes, and how many samples that global top holds. Ties go to the earlier arrival, then to
-    the lower rank."""
+def my_share_of_pool(pool, device) -> tuple[list[dict[str, Any]], int]:
+    """Drain `pool` and return this process's samples among the global top-n of all processes' pools,
+    with the number of samples in that global top. Ties go to the earlier arrival, then the lower rank."""
+    capacity, keys = pool.capacity, pool.keys()
     table = torch.full((capacity, 2), float("nan"), dtype=torch.float64, device=device)
     if keys:
         table[: len(keys)] = torch.tensor(keys, dtype=torch.float64, device=device)
@@ -183,25 +156,18 @@ def _my_share_of_global_top(keys: Sequence[tuple[float, int]], capacity: int, de
             if key == key:  # not NaN: a pooled sample
                 candidates.append((key, arrival, -source, position))
     top = sorted(candidates, reverse=True)[:capacity]
-    me = rank()
-    return sorted(position for _, _, source, position in top if -source == me), len(top)
+    samples = pool.drain()
+    mine = sorted(position for _, _, source, position in top if -source == rank())
+    return [samples[i] for i in mine], len(top)
 
 
-def _fisher_sum(tuner, samples: list[dict[str, Any]], params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """Σ (∇ℓ)² over `samples` (zeros if none; NaN if a sample's loss is not finite, so that every
-    process then skips the refresh)."""
-    if not samples:
-        return [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-    tuner._computing_fisher = True
-    try:
-        scores = empirical_fisher(tuner.model, samples, params)
-    except FloatingPointError as error:
-        warnings.warn(f"mask refresh skipped: {error}")
-        return [torch.full(p.shape, float("nan"), dtype=torch.float32, device=p.device) for p in params]
-    finally:
-        tuner._computing_fisher = False
+def sum_across_processes(scores: Optional[list[torch.Tensor]], params: Sequence[nn.Parameter]):
+    """All-reduce (sum) per-process Fisher sums. `None` stands for a failed Fisher on this process; it
+    is sent as NaN, so that every process sees non-finite scores and skips the refresh together."""
+    if scores is None:
+        scores = [torch.full(p.shape, float("nan"), dtype=torch.float32, device=p.device) for p in params]
     for score in scores:
-        score.mul_(len(samples))
+        dist.all_reduce(score)
     return scores
 
 

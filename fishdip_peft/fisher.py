@@ -29,17 +29,16 @@ def trim_right_padding(sample: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def empirical_fisher(
-    model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter]
+    model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter], *, mean: bool = True
 ) -> list[torch.Tensor]:
-    """F = (1/n) Σ_i (∇ ℓ_i)² for each of `parameters`, as float32 tensors of their shapes.
+    """F = (1/n) Σ_i (∇ ℓ_i)² for each of `parameters`, as float32 tensors of their shapes (the sum
+    Σ_i (∇ ℓ_i)² with `mean=False`, zeros when there is no sample).
 
     Each sample is a model-input dict with a leading batch size of 1 whose forward pass returns the
     sample's loss (`outputs.loss`, i.e. it holds `labels`). The model runs in eval mode (no dropout);
     its training flags, the parameters' `requires_grad` and `.grad` are restored afterwards. Only one
     dense gradient exists at a time: each is squared into its score as soon as it is complete.
     """
-    if not samples:
-        raise ValueError("the Fisher needs at least one sample.")
     scores = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters]
     saved = [(p.requires_grad, p.grad) for p in parameters]
     training = [(m, m.training) for m in model.modules()]
@@ -75,6 +74,7 @@ def empirical_fisher(
             param.grad = grad
         for module, was_training in training:
             module.training = was_training
-    for score in scores:
-        score.div_(len(samples))
+    if mean and samples:
+        for score in scores:
+            score.div_(len(samples))
     return scores

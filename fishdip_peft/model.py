@@ -240,30 +240,43 @@ class FishDipModel(BaseTuner):
         With several processes (torch.distributed initialized), every process must call it: the
         Fisher is that of the top-n samples of all processes' pools and every process gets the same mask.
         """
+        state = self.fishdip_state
+        params = [slot.param for slot in state.slots]
         if distributed.is_multi_process():
-            return distributed.refresh_mask_across_ranks(self)
-        if len(self._pool) == 0:
+            samples, total = distributed.my_share_of_pool(self._pool, state.values.device)
+        else:
+            samples = self._pool.drain()
+            total = len(samples)
+        if total == 0:
             warnings.warn("no finite-loss sample was pooled since the last refresh; the mask is kept.")
             return False
-        samples = self._pool.drain()
-        if not getattr(self.model.config, "is_encoder_decoder", False):
-            samples = [trim_right_padding(s) for s in samples]
-        state = self.fishdip_state
-        state.write_back()
-        self._computing_fisher = True
-        try:
-            scores = empirical_fisher(self.model, samples, [slot.param for slot in state.slots])
-        except FloatingPointError as error:
-            warnings.warn(f"mask refresh skipped: {error}")
+        scores = self._fisher_sum(samples, params)
+        if distributed.is_multi_process():
+            scores = distributed.sum_across_processes(scores, params)  # a failure anywhere becomes NaN
+        if scores is None:
             return False
-        finally:
-            self._computing_fisher = False
         if not all(bool(torch.isfinite(s).all()) for s in scores):
             warnings.warn("mask refresh skipped: the Fisher information is not finite.")
             return False
+        for score in scores:
+            score.div_(total)
         changed = state.set_selection(global_topk_indices(scores, state.k))
         self._refreshes += 1
         return changed
+
+    def _fisher_sum(self, samples, params) -> Optional[list[torch.Tensor]]:
+        """Σ (∇ℓ)² over `samples` (zeros if there are none), or None if a sample's loss is not finite."""
+        if not getattr(self.model.config, "is_encoder_decoder", False):
+            samples = [trim_right_padding(s) for s in samples]
+        self.fishdip_state.write_back()
+        self._computing_fisher = True
+        try:
+            return empirical_fisher(self.model, samples, params, mean=False)
+        except FloatingPointError as error:
+            warnings.warn(f"mask refresh skipped: {error}")
+            return None
+        finally:
+            self._computing_fisher = False
 
     # -- peft API -------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config, model_config):

@@ -6,10 +6,9 @@ is added here (the same object peft's own members are: a `str` enum member whose
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 from peft.utils.peft_types import PeftType
+
+from .atomic import atomic_write
 
 PEFT_METHOD_NAME = "fishdip"
 
@@ -53,18 +52,7 @@ def atomic_save_file(tensors, filename, metadata=None) -> None:
     """`safetensors.torch.save_file`, written to a temporary file then renamed over `filename`."""
     from safetensors.torch import save_file
 
-    directory = os.path.dirname(os.path.abspath(filename))
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_path, metadata=metadata)
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, filename)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_write(filename, lambda tmp_path: save_file(tensors, tmp_path, metadata=metadata))
 
 
 def _make_adapter_weight_writes_atomic() -> None:

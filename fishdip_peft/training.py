@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import distributed
+from .atomic import atomic_write
 from .distributed import fishdip_tuner
 from .losses import IGNORE_INDEX, per_sample_losses
 
@@ -73,7 +73,7 @@ def save_training_state(model, directory: str, write: bool = True) -> None:
     state["format"] = STATE_FORMAT
     if write:
         os.makedirs(directory, exist_ok=True)
-        _atomic_torch_save(state, os.path.join(directory, STATE_NAME))
+        atomic_write(os.path.join(directory, STATE_NAME), lambda tmp_path: torch.save(state, tmp_path))
 
 
 def load_training_state(model, directory: str) -> None:
@@ -89,20 +89,6 @@ def load_training_state(model, directory: str) -> None:
         state.pop("pools"), tuner.peft_config[tuner.active_adapter].num_regressing
     )
     tuner.load_training_state_dict(state)
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 # -- the Trainer -------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def edge_cases() -> dict:
     import warnings
 
     from fishdip_peft import distributed, forward_with_per_sample_losses
+    from fishdip_peft import model as fishdip_model
     from tests.models import causal_batch
     from tests.test_trainer import fishdip_llama
 
@@ -77,15 +78,15 @@ def edge_cases() -> dict:
 
     failing = fishdip_llama()
     steps(failing, 1)
-    original = distributed.empirical_fisher
+    original = fishdip_model.empirical_fisher
     if rank == 1:
         def fail(*args, **kwargs):
             raise FloatingPointError("injected")
-        distributed.empirical_fisher = fail
+        fishdip_model.empirical_fisher = fail
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         steps(failing, 2)
-    distributed.empirical_fisher = original
+    fishdip_model.empirical_fisher = original
     results["failing"] = (failing.base_model.refresh_count, failing.base_model.mask.clone(),
                           any("not finite" in str(w.message) for w in caught))
     return results
