@@ -18,6 +18,7 @@ report also lists (`rss_after_import_bytes`). On CUDA, `torch.cuda.max_memory_al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -475,6 +476,169 @@ def worker_scaling(args) -> dict[str, Any]:
     return {"rows": rows, "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
 
+PROTOTYPE_VARIANTS = (  # (name, patch_refresh options or None for the core as it is)
+    ("core", None),
+    ("sparse-embedding-grads", dict(sparse_embeddings=True, fast_topk=False)),
+    ("fast-topk", dict(sparse_embeddings=False, fast_topk=True)),
+    ("sparse-embedding-grads+fast-topk", dict(sparse_embeddings=True, fast_topk=True)),
+    ("sparse-embedding-grads+fast-topk+bf16-autocast", dict(sparse_embeddings=True, fast_topk=True,
+                                                            autocast_dtype="bfloat16")),
+)
+
+
+def worker_prototypes(args) -> dict[str, Any]:
+    """Refresh time of the core and of the benchmarks/refresh_prototype.py variants on the same pooled samples,
+    with each variant's selection compared to the core's (fraction of the K entries in common)."""
+    import torch
+    from peft import get_peft_model
+
+    import fishdip_peft.model as core
+    from benchmarks.refresh_prototype import patch_refresh
+    from fishdip_peft import FishDipConfig, forward_with_per_sample_losses
+
+    _set_threads(args)
+    load_start = _loadavg()
+    model = build_model(args.size, args.dtype, args.device)
+    peft_model = get_peft_model(model, FishDipConfig(density=args.density, update_every=1, num_regressing=args.n))
+    state = peft_model.base_model.fishdip_state
+    pool = make_batch(max(args.n, args.batch_size), args.seq_len, model.config.vocab_size, 200, args.device)
+    with torch.no_grad():
+        _, losses = forward_with_per_sample_losses(peft_model, pool)
+    peft_model.step(losses, pool)  # the first mask (not timed)
+    rows, reference = [], None
+    for _ in _progress(range(args.refresh_repeats), desc=f"{args.size} refresh prototypes"):
+        for name, options in PROTOTYPE_VARIANTS:
+            phases = {"fisher": 0.0, "topk": 0.0}
+            patch = contextlib.nullcontext() if options is None else patch_refresh(**{
+                **options, "autocast_dtype": getattr(torch, options["autocast_dtype"]) if options.get("autocast_dtype")
+                else None})
+            with patch:
+                saved = core.empirical_fisher, core.global_topk_indices
+
+                def timed(fn, phase):
+                    def run(*a, **k):
+                        t0 = time.perf_counter()
+                        try:
+                            return fn(*a, **k)
+                        finally:
+                            phases[phase] += time.perf_counter() - t0
+
+                    return run
+
+                core.empirical_fisher, core.global_topk_indices = timed(saved[0], "fisher"), timed(saved[1], "topk")
+                try:
+                    _sync(args.device)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    peft_model.step(losses, pool)
+                    _sync(args.device)
+                    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+                finally:
+                    core.empirical_fisher, core.global_topk_indices = saved
+            selection = state.flat_selection()
+            if name == "core":
+                reference = selection
+            common = int(torch.isin(selection, reference).sum()) if reference is not None else None
+            rows.append({"model": args.size, "n": args.n, "variant": name, "refresh_seconds": seconds,
+                         "refresh_cpu_seconds": cpu, "fisher_seconds": phases["fisher"], "topk_seconds": phases["topk"],
+                         "other_seconds": seconds - phases["fisher"] - phases["topk"],
+                         "selection_overlap_with_core": None if common is None else common / state.k})
+    return {"rows": rows, "loadavg_start": load_start, "loadavg_end": _loadavg(), "torch_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# profiling (python -m benchmarks.efficiency --profile --size 135m --method fishdip)
+# ----------------------------------------------------------------------------------------------------
+def transient_allocations(prof) -> tuple[int, list[tuple[str, int, int]]]:
+    """Peak of the memory allocated inside a profiled window (above what was live when it began) and what
+    was live at that peak, grouped by allocating op (`op <- caller <- ...`): [(ops, bytes, count)]."""
+    from torch._C._profiler import _EventType
+    from torch.profiler._memory_profiler import OpTree
+
+    events = []
+    for event in OpTree(prof.profiler.kineto_results).dfs():
+        if event.typed[0] == _EventType.Allocation:
+            fields = event.typed[1]
+            names, op = [], event.parent
+            while op is not None and len(names) < 4:
+                if not op.name.startswith(("aten::empty", "aten::zeros", "aten::new_", "aten::resize")) or not names:
+                    names.append(op.name)
+                op = op.parent
+            events.append((event.start_time_ns, fields.alloc_size, fields.ptr, " <- ".join(names)))
+    events.sort(key=lambda e: e[0])
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for _, size, ptr, names in events:
+        if size > 0:
+            live[ptr] = (size, names)
+            current += size
+        elif ptr in live:
+            current -= live.pop(ptr)[0]
+        if current > peak:
+            peak, at_peak = current, dict(live)
+    groups: dict[str, list[int]] = {}
+    for size, names in at_peak.values():
+        entry = groups.setdefault(names, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    return peak, sorted(((k, v[0], v[1]) for k, v in groups.items()), key=lambda g: -g[1])
+
+
+def profile_method(args) -> None:
+    """Print where a training step (and, for FISH-DIP and dense-mask, a refresh) spends time and memory."""
+    import torch
+    from torch.profiler import profile, record_function
+
+    _set_threads(args)
+    model = build_model(args.size, args.dtype, args.device)
+    runner = Runner(args.method, model, args)
+    batches = [make_batch(args.batch_size, args.seq_len, model.config.vocab_size, s, args.device) for s in range(3)]
+    for batch in batches:  # warm-up; the first step builds the mask; the pool fills
+        runner.train_step(batch)
+
+    def show(title: str, prof) -> None:
+        print(f"\n=== {title}: ops by self CPU time ===")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+        peak, groups = transient_allocations(prof)
+        print(f"=== {title}: peak of memory allocated in the window: {peak / 2**20:,.1f} MiB; live at the peak ===")
+        for names, size, count in groups[: args.profile_rows]:
+            print(f"{size / 2**20:10,.1f} MiB {count:5d}x  {names}")
+
+    with profile(profile_memory=True, record_shapes=True) as prof:
+        with record_function("train_step"):
+            runner.train_step(batches[0])
+    show(f"{args.size}/{args.method} training step", prof)
+    if args.method in ("fishdip", "dense-mask"):
+        if args.method == "fishdip":
+            import fishdip_peft.model as core
+
+            def phase(name, fn):
+                def wrapped(*a, **k):
+                    with record_function(name):
+                        return fn(*a, **k)
+
+                return wrapped
+
+            core.empirical_fisher = phase("PHASE fisher (per-sample forward+backward)", core.empirical_fisher)
+            core.global_topk_indices = phase("PHASE global top-K", core.global_topk_indices)
+            state = runner.model.base_model.fishdip_state
+            state.set_selection = phase("PHASE set_selection", state.set_selection)
+        else:
+            dense = runner.dense
+            from benchmarks.dense_mask import DenseMaskFishDip
+
+            def importance(samples, _self=dense):
+                with record_function("PHASE per-sample gradients + dense gradient dict"):
+                    return DenseMaskFishDip._importance(_self, samples)
+
+            dense._importance = importance
+        with profile(profile_memory=True, record_shapes=True) as prof:
+            with record_function("refresh"):
+                runner.refresh()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.profile_rows))
+        show(f"{args.size}/{args.method} refresh (n={args.n})", prof)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the parent: tasks, ratios, JSON
 # ----------------------------------------------------------------------------------------------------
@@ -617,32 +781,26 @@ def _worker_argv(args, kind: str, size: str, method: str, out: str) -> list[str]
     return argv
 
 
-def run_all(args, command: str) -> dict:
+def _settings(args, target_model: str) -> dict[str, Any]:
+    return {
+        "sizes": args.sizes, "methods": args.methods, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "dtype": args.dtype, "device": args.device, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "density": args.density, "update_every": args.update_every, "num_regressing": args.n,
+        "refresh_repeats": args.refresh_repeats, "threads": args.threads or None, "scaling_n": args.scaling_n,
+        "scaling_sizes": args.scaling_sizes, "prototype_sizes": args.prototype_sizes, "target_model": target_model,
+        "jobs": args.jobs, "optimizer": f"torch.optim.AdamW lr={LEARNING_RATE} (defaults: weight_decay=0.01; "
+        "dense-mask: weight_decay=0)", "lora": LORA_HP, "fishdip_values_dtype": "float32",
+        "size_configs": SIZE_CONFIGS, "data": "random token ids, no padding, every token a target",
+        "memory": "peak RSS (VmHWM) of each window after gc + malloc_trim + peak reset, one fresh process per "
+                  "(model, method); on CUDA max_memory_allocated",
+    }
+
+
+def _run_tasks(args, tasks: list[tuple[str, str, str]], on_result) -> None:
+    """Run the worker subprocesses (`--jobs` at once); `on_result(results)` after each one finishes."""
     from tqdm import tqdm
 
-    out_path = Path(args.out)
-    target_model = args.target_model or args.sizes[-1]
-    data: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "complete": False, "command": command,
-        "settings": {
-            "sizes": args.sizes, "methods": args.methods, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "dtype": args.dtype, "device": args.device, "warmup_steps": args.warmup, "timed_steps": args.steps,
-            "density": args.density, "update_every": args.update_every, "num_regressing": args.n,
-            "refresh_repeats": args.refresh_repeats, "threads": args.threads or None, "scaling_n": args.scaling_n, "scaling_sizes": args.scaling_sizes,
-            "target_model": target_model, "jobs": args.jobs, "optimizer": f"torch.optim.AdamW lr={LEARNING_RATE} (defaults: "
-            "weight_decay=0.01; dense-mask: weight_decay=0)", "lora": LORA_HP, "fishdip_values_dtype": "float32",
-            "size_configs": SIZE_CONFIGS, "data": "random token ids, no padding, every token a target",
-            "memory": "peak RSS (VmHWM) of each window after gc + malloc_trim + peak reset, one fresh process per "
-                      "(model, method); on CUDA max_memory_allocated",
-        },
-        "environment": environment(), "methods": [], "ratios": {}, "targets": [], "scaling": {},
-    }
-    data["environment"]["loadavg_start"] = _loadavg()
-    data["environment"]["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tasks = [("train", size, method) for size in args.sizes for method in args.methods]
-    tasks += [("scaling", size, "fishdip") for size in args.scaling_sizes]
     results: dict[int, dict] = {}
-    begin = time.perf_counter()
 
     def run_task(kind: str, size: str, method: str) -> dict:
         handle, worker_out = tempfile.mkstemp(prefix="fishdip-eff-", suffix=".json")
@@ -661,8 +819,42 @@ def run_all(args, command: str) -> dict:
         finally:
             Path(worker_out).unlink(missing_ok=True)
 
-    def record() -> None:
-        done = [(tasks[i], results[i]) for i in sorted(results)]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool, \
+            tqdm(total=len(tasks), desc="efficiency", file=sys.stderr, dynamic_ncols=True) as bar:
+        futures = {pool.submit(run_task, *task): i for i, task in enumerate(tasks)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            on_result([(tasks[i], results[i]) for i in sorted(results)])
+            bar.update(1)
+
+
+def _prototype_section(command: str, done) -> dict[str, Any]:
+    rows = [row for (kind, _, _), r in done if kind == "prototypes" for row in r.get("rows", [])]
+    errors = [r for (kind, _, _), r in done if kind == "prototypes" and "error" in r]
+    section: dict[str, Any] = {"command": command, "rows": rows, "loadavg": [
+        [r.get("loadavg_start"), r.get("loadavg_end")] for (kind, _, _), r in done if kind == "prototypes"]}
+    if errors:
+        section["errors"] = errors
+    return section
+
+
+def run_all(args, command: str) -> dict:
+    out_path = Path(args.out)
+    target_model = args.target_model or args.sizes[-1]
+    prototype_sizes = args.prototype_sizes if args.prototype_sizes is not None else [target_model]
+    data: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "complete": False, "command": command,
+        "settings": _settings(args, target_model),
+        "environment": environment(), "methods": [], "ratios": {}, "targets": [], "scaling": {},
+    }
+    data["environment"]["loadavg_start"] = _loadavg()
+    data["environment"]["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tasks = [("train", size, method) for size in args.sizes for method in args.methods]
+    tasks += [("scaling", size, "fishdip") for size in args.scaling_sizes]
+    tasks += [("prototypes", size, "fishdip") for size in prototype_sizes]
+    begin = time.perf_counter()
+
+    def record(done) -> None:
         data["methods"] = [r for (kind, _, _), r in done if kind == "train"]
         scaling_rows = [row for (kind, _, _), r in done if kind == "scaling" for row in r.get("rows", [])]
         errors = [r for (kind, _, _), r in done if kind == "scaling" and "error" in r]
@@ -671,20 +863,31 @@ def run_all(args, command: str) -> dict:
         data["ratios"] = compute_ratios(data["methods"])
         data["targets"] = compute_targets(data["ratios"], target_model)
         data["scaling"] = compute_scaling(data["methods"], scaling_rows)
+        if prototype_sizes:
+            data["prototypes"] = _prototype_section(command, done)
         data["environment"]["loadavg_end"] = _loadavg()
         data["environment"]["elapsed_seconds"] = time.perf_counter() - begin
         write_json_atomic(out_path, data)
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool, \
-            tqdm(total=len(tasks), desc="efficiency", file=sys.stderr, dynamic_ncols=True) as bar:
-        futures = {pool.submit(run_task, *task): i for i, task in enumerate(tasks)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            record()
-            bar.update(1)
+    _run_tasks(args, tasks, record)
     data["complete"] = True
     data["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(out_path, data)
+    return data
+
+
+def run_prototypes_only(args, command: str) -> dict:
+    """Measure the refresh prototypes on `--sizes` and store them in the existing JSON's `prototypes`."""
+    out_path = Path(args.out)
+    data = json.loads(out_path.read_text())
+
+    def record(done) -> None:
+        data["prototypes"] = _prototype_section(command, done)
+        data["prototypes"]["settings"] = {"threads": args.threads or None, "n": args.n, "seq_len": args.seq_len,
+                                          "batch_size": args.batch_size, "refresh_repeats": args.refresh_repeats}
+        write_json_atomic(out_path, data)
+
+    _run_tasks(args, [("prototypes", size, "fishdip") for size in args.sizes], record)
     return data
 
 
@@ -716,29 +919,33 @@ def render_report(data: dict, notes: str = "") -> str:
         "",
         f"Setting: batch {s['batch_size']} x {s['seq_len']} tokens, {s['dtype']} weights on {s['device']}, "
         f"{s['warmup_steps']} warm-up + {s['timed_steps']} timed steps (median), density {s['density']}, "
-        f"n = {s['num_regressing']}, {s['optimizer']}; LoRA r={s['lora']['r']} on all linear layers. "
-        f"Environment: torch {env['torch']}, {env['torch_threads']} threads, {env['cpu']} ({env['cpu_count']} "
-        f"cores), load average {env.get('loadavg_start')} at start, {env.get('loadavg_end')} at the end.",
+        f"n = {s['num_regressing']}, {s['optimizer']}; LoRA r={s['lora']['r']} (alpha {s['lora']['lora_alpha']}, "
+        f"dropout {s['lora']['lora_dropout']}) on all linear layers. "
+        f"Environment: torch {env['torch']}, {s.get('threads') or env['torch_threads']} torch thread(s) per worker, "
+        f"{env['cpu']} ({env['cpu_count']} cores), load average {env.get('loadavg_start')} at start, "
+        f"{env.get('loadavg_end')} at the end (1/5/15 min). Step and refresh times are wall-clock medians; "
+        "*CPU s* is the process CPU time of the same steps, which other processes' load inflates less.",
         "",
         "Memory is the peak RSS of the measurement window (it includes ~"
         f"{_mib(statistics.median([r['rss_after_import_bytes'] for r in data['methods'] if 'rss_after_import_bytes' in r] or [0]))}"
         " MiB of Python/torch libraries, column *import*); *refresh peak* is the peak of a mask refresh "
         "with the training state alive. Checkpoint bytes are the weight files' size.",
         "",
-        "| model | method | params | trainable | step s | peak MiB | import MiB | refresh s (n) | refresh peak MiB "
-        "| ckpt MiB | changed entries | B/changed | save s | load s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | method | params | trainable | step s | step CPU s | peak MiB | import MiB | refresh s (n) "
+        "| refresh CPU s | refresh peak MiB | ckpt MiB | changed entries | B/changed | save s | load s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["methods"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | error: {r['error'].strip().splitlines()[-1][:80]} |"
-                         + " |" * 11)
+                         + " |" * 13)
             continue
         refresh = f"{_num(r['refresh_seconds'], 2)} ({r['refresh_n']})" if "refresh_seconds" in r else "–"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['params_total'] / 1e6:.1f}M | {_num(r['trainable_entries'])} "
-            f"| {_num(r['step_seconds'], 3)} | {_mib(r['peak_memory_bytes'])} | {_mib(r['rss_after_import_bytes'])} "
-            f"| {refresh} | {_mib(r.get('refresh_peak_memory_bytes'))} | {r['checkpoint_bytes'] / 2**20:,.2f} "
+            f"| {_num(r['step_seconds'], 3)} | {_num(r.get('step_cpu_seconds'), 3)} | {_mib(r['peak_memory_bytes'])} "
+            f"| {_mib(r['rss_after_import_bytes'])} | {refresh} | {_num(r.get('refresh_cpu_seconds'), 2)} "
+            f"| {_mib(r.get('refresh_peak_memory_bytes'))} | {r['checkpoint_bytes'] / 2**20:,.2f} "
             f"| {_num(r['changed_entries'])} | {_num(r['bytes_per_changed_entry'], 2)} | {_num(r['save_seconds'], 2)} "
             f"| {_num(r['load_seconds'], 2)} |"
         )
@@ -769,6 +976,21 @@ def render_report(data: dict, notes: str = "") -> str:
         for r in scaling["refresh_vs_model_size"]:
             lines.append(f"| {r['model']} | {r['params_total'] / 1e6:.1f}M | {_num(r['refresh_seconds'], 2)} "
                          f"| {_num(r['step_seconds'], 3)} | {_num(r['refresh_over_step'], 2)} |")
+    protos = data.get("prototypes", {})
+    if protos.get("rows"):
+        lines += ["", "## Refresh prototypes (benchmarks/refresh_prototype.py; same pooled samples; median of repeats)",
+                  "", f"Command: `{protos['command']}`", "",
+                  "| model | n | variant | refresh s | refresh CPU s | Fisher s | top-K s | other s | same selection as core |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        groups: dict[tuple, list[dict]] = {}
+        for r in protos["rows"]:
+            groups.setdefault((r["model"], r["n"], r["variant"]), []).append(r)
+        for (model, n, variant), rs in groups.items():
+            med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+            overlap = min(r["selection_overlap_with_core"] for r in rs)
+            lines.append(f"| {model} | {n} | {variant} | {med('refresh_seconds'):.2f} | {med('refresh_cpu_seconds'):.2f} "
+                         f"| {med('fisher_seconds'):.2f} | {med('topk_seconds'):.2f} | {med('other_seconds'):.2f} "
+                         f"| {overlap:.2%} |")
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
@@ -826,7 +1048,13 @@ def parse_args(argv=None):
     p.add_argument("--worker-timeout", type=float, default=3600)
     p.add_argument("--jobs", type=int, default=1, help="workers run at once (>1 distorts timings; for smoke tests)")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--worker", choices=("train", "scaling"), help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help="profile --size/--method in this process, print tables")
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--prototypes-only", action="store_true",
+                   help="only run the refresh prototypes (on --sizes) and update the JSON's `prototypes` section")
+    p.add_argument("--prototype-sizes", type=_str_list, default=None,
+                   help="sizes for the refresh prototypes in a full run (default: the target model)")
+    p.add_argument("--worker", choices=("train", "scaling", "prototypes"), help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -843,6 +1071,9 @@ def parse_args(argv=None):
             p.error(f"unknown method {method!r}; choose from {METHODS}")
     if args.scaling_sizes is None:
         args.scaling_sizes = list(args.sizes)
+    for size in args.prototype_sizes or []:
+        if size not in SIZES:
+            p.error(f"unknown size {size!r}; choose from {SIZES}")
     return args
 
 
@@ -850,12 +1081,18 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     md_path = Path(args.report) if args.report else Path(args.out).with_name("EFFICIENCY.md")
+    if args.profile:
+        args.size, args.method = args.size or args.sizes[-1], args.method or "fishdip"
+        profile_method(args)
+        return 0
     if args.worker:
-        result = worker_train(args) if args.worker == "train" else worker_scaling(args)
+        result = {"train": worker_train, "scaling": worker_scaling, "prototypes": worker_prototypes}[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
-    if not args.report_only:
-        command = "python -m benchmarks.efficiency" + "".join(" " + shlex.quote(a) for a in argv)
+    command = "python -m benchmarks.efficiency" + "".join(" " + shlex.quote(a) for a in argv)
+    if args.prototypes_only:
+        run_prototypes_only(args, command)
+    elif not args.report_only:
         run_all(args, command)
     print(write_report(Path(args.out), md_path))
     return 0

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from benchmarks.dense_mask import DenseMaskFishDip
-from benchmarks.efficiency import compute_ratios, compute_targets
+from benchmarks.efficiency import PROTOTYPE_VARIANTS, compute_ratios, compute_targets, parse_args, worker_prototypes
+from benchmarks.refresh_prototype import empirical_fisher, fast_global_topk_indices
 from benchmarks.sddmm_prototype import enable_sampled_linear_grads
 from fishdip_peft import FishDipConfig, forward_with_per_sample_losses
+from fishdip_peft.fisher import empirical_fisher as core_empirical_fisher
+from fishdip_peft.pool import slice_sample
+from fishdip_peft.selection import global_topk_indices
 from tests.models import causal_batch, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +30,8 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("efficiency") / "efficiency.json"
     command = [sys.executable, "-m", "benchmarks.efficiency", "--sizes", "tiny", "--methods", "full-ft,lora,fishdip",
                "--batch-size", "2", "--seq-len", "8", "--warmup", "1", "--steps", "2", "--n", "3",
-               "--refresh-repeats", "1", "--scaling-n", "1,2", "--threads", "1", "--jobs", "2", "--out", str(out)]
+               "--refresh-repeats", "1", "--scaling-n", "1,2", "--threads", "1", "--jobs", "2", "--prototype-sizes", "",
+               "--out", str(out)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads(out.read_text())
@@ -57,6 +62,7 @@ def test_json_schema(smoke_run):
     assert [(r["model"], r["n"]) for r in scaling["refresh_vs_n"]] == [("tiny", 1), ("tiny", 2)]
     assert all(r["refresh_seconds"] > 0 for r in scaling["refresh_vs_n"])
     assert scaling["refresh_vs_model_size"][0]["model"] == "tiny"
+    assert "prototypes" not in data
 
 
 def test_ratios_are_consistent_with_the_rows(smoke_run):
@@ -128,3 +134,37 @@ def test_sddmm_prototype_gives_the_core_gradients():
             outputs.loss.backward()
         grads.append(model.base_model.fishdip_state.values.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_refresh_prototypes_are_exact_where_they_claim_to_be():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        scores = [torch.randint(0, 6, shape, generator=g).float() * 0.25 for shape in [(7, 5), (13,), (3, 4, 2), (1,)]]
+        for k in (1, 5, 17, 40, 69):
+            for a, b in zip(global_topk_indices(scores, k), fast_global_topk_indices(scores, k)):
+                assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        fast_global_topk_indices([torch.tensor([1.0, float("nan")])], 1)
+    with pytest.raises(ValueError):
+        fast_global_topk_indices([torch.tensor([1.0, -2.0])], 1)
+    model = tiny_llama()  # tied embeddings: the LM head's dense and the embedding's sparse gradient are summed
+    batch = causal_batch(0)
+    samples = [slice_sample(batch, row) for row in range(3)]
+    params = list(model.parameters())
+    for a, b in zip(core_empirical_fisher(model, samples, params), empirical_fisher(model, samples, params)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-12)
+    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+
+def test_prototype_worker_schema(monkeypatch):
+    import benchmarks.efficiency as efficiency
+
+    monkeypatch.setattr(efficiency, "build_model", lambda size, dtype, device: tiny_llama())
+    args = parse_args(["--batch-size", "2", "--seq-len", "8", "--n", "2", "--refresh-repeats", "1"])
+    args.size = "tiny"
+    result = worker_prototypes(args)
+    assert [r["variant"] for r in result["rows"]] == [name for name, _ in PROTOTYPE_VARIANTS]
+    for row in result["rows"]:
+        assert row["refresh_seconds"] > 0 and row["fisher_seconds"] > 0 and row["topk_seconds"] > 0
+        if "bf16" not in row["variant"]:
+            assert row["selection_overlap_with_core"] >= 0.99

@@ -1,0 +1,150 @@
+"""Prototype (benchmark only): cheaper mask refreshes, to measure what the proposed core patches gain.
+
+Three independent changes to `fishdip_peft.fisher.empirical_fisher` / `fishdip_peft.selection`:
+
+1. `sparse_embeddings` (exact): during the Fisher pass every `nn.Embedding` whose weight is scored returns a
+   sparse gradient (the rows of the sample's tokens) instead of `embedding_dense_backward`'s dense
+   (vocab x hidden) tensor, which costs a zero-fill, an index_add and, for a tied LM head, a dense add per
+   sample. Duplicate rows are summed (`coalesce`) before squaring, so the score is unchanged.
+2. `fast_global_topk_indices` (exact, same tie-breaking): the core's radix select converts every score
+   tensor to int64 keys three times and checks finiteness twice more (isfinite, any, all over |θ|); here
+   the int32 bit patterns are used as they are (monotone for non-negative floats) and the validity check
+   is one min/max over the keys.
+3. `autocast_dtype=torch.bfloat16` (approximate, an opt-in): the per-sample forward/backward runs under CPU
+   autocast, so the matrix products run in bfloat16; scores are still accumulated in float32. The
+   benchmark reports how much of the selected set it changes.
+
+`patch_refresh(**options)` swaps these into `fishdip_peft.model` (a context manager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+_BUCKETS = 1 << 16
+
+
+def empirical_fisher(
+    model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter], *, mean: bool = True,
+    sparse_embeddings: bool = True, autocast_dtype: Optional[torch.dtype] = None,
+) -> list[torch.Tensor]:
+    """`fishdip_peft.fisher.empirical_fisher` with sparse embedding gradients and optional autocast."""
+    scores = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters]
+    saved = [(p.requires_grad, p.grad) for p in parameters]
+    training = [(m, m.training) for m in model.modules()]
+    scored = {id(p) for p in parameters}
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding) and id(m.weight) in scored]
+    sparse_flags = [(m, m.sparse) for m in embeddings]
+    handles = []
+
+    def square_into(score: torch.Tensor):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if grad.is_sparse:
+                grad = grad.coalesce()
+                rows, vals = grad.indices()[0], grad.values().float()
+                score.index_add_(0, rows, vals * vals)
+            else:
+                grad = grad.float()
+                score.addcmul_(grad, grad)
+            param.grad = None
+
+        return hook
+
+    try:
+        model.eval()
+        if sparse_embeddings:
+            for module in embeddings:
+                module.sparse = True
+        for param, score in zip(parameters, scores):
+            param.grad = None
+            param.requires_grad_(True)
+            handles.append(param.register_post_accumulate_grad_hook(square_into(score)))
+        autocast = (torch.autocast(device_type=parameters[0].device.type, dtype=autocast_dtype)
+                    if autocast_dtype is not None else contextlib.nullcontext())
+        for sample in samples:
+            with torch.enable_grad(), autocast:
+                loss = model(**sample).loss
+            if loss is None:
+                raise ValueError("the model returned no loss: the samples passed to step() need `labels`.")
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"a pooled sample has a non-finite loss ({loss.detach().item()}).")
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in sparse_flags:
+            module.sparse = flag
+        for param, (requires_grad, grad) in zip(parameters, saved):
+            param.requires_grad_(requires_grad)
+            param.grad = grad
+        for module, was_training in training:
+            module.training = was_training
+    if mean and samples:
+        for score in scores:
+            score.div_(len(samples))
+    return scores
+
+
+def _kth_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0]) - histogram
+    bucket = int(torch.nonzero((above < k) & (above + histogram >= k)).max())
+    return bucket, int(above[bucket])
+
+
+def fast_global_topk_indices(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Same result as `fishdip_peft.selection.global_topk_indices` (ties to the lower flat index)."""
+    total = sum(s.numel() for s in scores)
+    if not 0 < k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}.")
+    keys = [s.detach().reshape(-1).to(torch.float32).view(torch.int32) for s in scores]  # no copy for fp32
+    for key in keys:  # negative floats have negative int32 keys; +inf and NaN are >= 0x7F800000
+        low, high = torch.aminmax(key)
+        if int(low) < 0 or int(high) >= 0x7F800000:
+            raise ValueError("scores must be finite and non-negative.")
+    high = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for key in keys:
+        high += torch.bincount((key >> 16).cpu(), minlength=_BUCKETS)
+    high_bucket, above_high = _kth_bucket(high, k)
+    lo, hi = high_bucket << 16, (high_bucket + 1) << 16
+    low = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for key in keys:
+        inside = key[(key >= lo) & (key < hi)]
+        low += torch.bincount((inside - lo).cpu(), minlength=_BUCKETS)
+    low_bucket, above_low = _kth_bucket(low, k - above_high)
+    threshold = lo | low_bucket
+    ties_needed = k - above_high - above_low
+    selected = []
+    for key in keys:
+        above = torch.nonzero(key > threshold).flatten()
+        if ties_needed > 0:
+            ties = torch.nonzero(key == threshold).flatten()[:ties_needed]
+            ties_needed -= ties.numel()
+            above = torch.sort(torch.cat([above, ties])).values
+        selected.append(above)
+    return selected
+
+
+@contextlib.contextmanager
+def patch_refresh(sparse_embeddings: bool = True, fast_topk: bool = True, autocast_dtype: Optional[torch.dtype] = None):
+    """Use the prototype Fisher and/or top-K inside `FishDipModel.refresh_mask` while the context is open."""
+    import fishdip_peft.model as core
+
+    saved = core.empirical_fisher, core.global_topk_indices
+
+    def fisher(model, samples, parameters, **kwargs):
+        return empirical_fisher(model, samples, parameters, sparse_embeddings=sparse_embeddings,
+                                autocast_dtype=autocast_dtype, **kwargs)
+
+    core.empirical_fisher = fisher
+    if fast_topk:
+        core.global_topk_indices = fast_global_topk_indices
+    try:
+        yield
+    finally:
+        core.empirical_fisher, core.global_topk_indices = saved
