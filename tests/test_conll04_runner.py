@@ -1,0 +1,211 @@
+"""The CoNLL'04 runner end to end on a tiny random Llama with a word-level tokenizer built in code.
+
+The pipeline test runs the real command line (each run in its own subprocess) for FISH-DIP and LoRA
+on 4 training sentences for 2 steps, scoring 3 test sentences; the report test uses fixture JSONs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.conll04 import report, run
+from benchmarks.conll04.data import load_split, load_types
+from benchmarks.conll04.tanl import format_target
+from benchmarks.conll04.training import (
+    IGNORE_INDEX,
+    TanlEncoder,
+    batch_stream,
+    default_steps,
+    fishdip_schedule,
+    generate,
+)
+
+REQUIRED_FIELDS = (
+    "method", "train_fraction", "seed", "entity_f1", "relation_f1", "model", "steps", "learning_rate",
+    "learning_rate_source", "train_seconds", "eval_seconds", "peak_memory_bytes", "trainable_params",
+    "checkpoint_bytes", "commit", "versions", "train_log", "hyperparameters", "predictions", "run_spec",
+)
+SPECIAL = ["<pad>", "<unk>", "<eos>"]
+
+
+@functools.lru_cache(maxsize=1)
+def word_level_tokenizer():
+    """A whitespace word-level tokenizer over every CoNLL'04 word and the TANL markup."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    types = load_types()
+    words = set()
+    for split in ("train", "dev", "test"):
+        for sentence in load_split(split):
+            words.update(sentence.tokens)
+            words.update(format_target(sentence, types).split())
+    vocab = {token: i for i, token in enumerate(SPECIAL + sorted(words))}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>")
+
+
+def tiny_llama(vocab_size: int, pad_id: int, eos_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = word_level_tokenizer()
+    model = tiny_llama(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    lr_file = results / "lr_selection.json"  # absent: runs use the documented defaults
+    argv = ["--methods", "fishdip,lora", "--fractions", "0.004", "--seeds", "0", "--model", str(tiny_model_dir),
+            "--steps", "2", "--batch-size", "2", "--eval-limit", "3", "--max-new-tokens", "12",
+            "--results-dir", str(results),
+            "--lr-file", str(lr_file), "--no-progress"]
+    assert run.main(argv) == 0
+    return results, lr_file, argv
+
+
+def test_budget_and_fishdip_schedule() -> None:
+    assert [default_steps(f) for f in (0.01, 0.05, 0.1)] == [30, 40, 80]
+    assert fishdip_schedule(40) == {"update_every": 6, "num_regressing": 15}
+    assert fishdip_schedule(2)["update_every"] == 1
+
+
+def test_batch_stream_covers_each_epoch() -> None:
+    stream = batch_stream(5, 2, seed=3)
+    batches = [next(stream) for _ in range(5)]
+    flat = [i for b in batches for i in b]
+    assert all(len(b) == 2 for b in batches)
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+    assert batches == [next(s) for s in [batch_stream(5, 2, seed=3)] for _ in range(5)]
+
+
+def test_encoder_masks_prompt_and_ends_with_eos() -> None:
+    tokenizer = word_level_tokenizer()
+    encoder = TanlEncoder(tokenizer, encoder_decoder=False, types=load_types())
+    sentence = load_split("train")[0]
+    example = encoder.train_example(sentence)
+    prompt = encoder.prompt(sentence)
+    assert example.input_ids[: len(prompt)] == prompt
+    assert example.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert example.labels[len(prompt):] == example.input_ids[len(prompt):]
+    assert example.labels[-1] == tokenizer.eos_token_id
+    batch = encoder.collate([example, encoder.train_example(load_split("train")[1])])
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    encoder = TanlEncoder(AutoTokenizer.from_pretrained(tiny_model_dir), False, load_types())
+    sentences = load_split("test")[:3]
+    assert len({len(encoder.prompt(s)) for s in sentences}) > 1  # padding is exercised
+    batched = generate(model, encoder, sentences, batch_size=3, progress=False, max_new_tokens_cap=16)
+    assert batched == generate(model, encoder, sentences, batch_size=1, progress=False, max_new_tokens_cap=16)
+    assert all(0 < len(text.split()) <= 16 for text in batched)
+
+
+def test_pipeline_writes_complete_json(pipeline, tiny_model_dir) -> None:
+    results, _, _ = pipeline
+    for method in ("fishdip", "lora"):
+        record = json.loads((results / f"{method}-0.004-0.json").read_text())
+        missing = [f for f in REQUIRED_FIELDS if f not in record]
+        assert not missing, f"{method}: missing {missing}"
+        assert record["method"] == method and record["train_fraction"] == 0.004 and record["seed"] == 0
+        assert record["model"] == str(tiny_model_dir) and record["steps"] == 2
+        assert record["learning_rate"] == run.DEFAULT_LR[method]
+        assert record["learning_rate_source"].startswith("default")
+        assert record["eval_sentences"] == 3 and len(record["predictions"]) == 3
+        assert record["train_sentences"] == 4
+        assert 0.0 <= record["entity_f1"] <= 100.0 and 0.0 <= record["relation_f1"] <= 100.0
+        assert record["trainable_params"] > 0 and record["checkpoint_bytes"] > 0 and record["peak_memory_bytes"] > 0
+        assert record["versions"]["torch"] and record["versions"]["peft"]
+        log = record["train_log"]
+        assert [e["step"] for e in log] == [1, 2]
+        assert all(len(e["per_sample_losses"]) == 2 == len(e["sample_ids"]) for e in log)
+    fish = json.loads((results / "fishdip-0.004-0.json").read_text())
+    assert fish["hyperparameters"]["method"]["update_every"] == 1
+    assert fish["mask_refreshes"] == 2 and all("mask_changed" in e for e in fish["train_log"])
+    assert "adapter_model.safetensors" in fish["checkpoint_files"]
+
+
+def test_resume_skips_finished_runs(pipeline, monkeypatch, capsys) -> None:
+    results, _, argv = pipeline
+    before = {p.name: p.read_bytes() for p in results.glob("*-0.004-0.json")}
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(run, "run_worker", no_worker)
+    assert run.main(argv + ["--no-report"]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in results.glob("*-0.004-0.json")} == before
+
+    # A changed configuration (here the learning rate) is not "finished".
+    args = run.build_parser().parse_args(argv + ["--lr", "lora=0.5"])
+    args.results_dir, args.methods, args.fractions, args.seeds = results, ["lora"], [0.004], [0]
+    (path, spec), = run.plan_runs(args, "test")
+    assert run.finished(path, spec) == (False, "configuration changed")
+
+
+def fixture_record(method: str, fraction: float, seed: int, entity: float, relation: float) -> dict:
+    log = [{"step": s, "loss": 1.0 / s, "sample_ids": [0, 1], "per_sample_losses": [1.0 / s, 2.0 / s],
+            "mask_changed": s % 2 == 1} for s in range(1, 5)]
+    return {"method": method, "train_fraction": fraction, "seed": seed, "entity_f1": entity, "relation_f1": relation,
+            "model": "tiny", "steps": 4, "batch_size": 2, "learning_rate": 1e-3, "learning_rate_source": "default",
+            "train_seconds": 60.0, "eval_seconds": 30.0, "peak_memory_bytes": 2_000_000_000,
+            "trainable_params": 1000, "total_params": 100_000, "checkpoint_bytes": 8_000,
+            "eval_split": "test", "eval_sentences": 288, "final_train_loss": 0.25, "commit": "abc",
+            "hyperparameters": {"method": {"density": 0.01, "update_every": 1, "num_regressing": 15}},
+            "versions": {}, "train_log": log, "command": "python -m benchmarks.conll04.run --fixture"}
+
+
+def test_report_mean_and_std_from_fixtures(tmp_path) -> None:
+    fixtures = [("fishdip", 0.05, 0, 50.0, 20.0), ("fishdip", 0.05, 1, 52.0, 23.0), ("fishdip", 0.05, 2, 54.0, 26.0),
+                ("lora", 0.05, 0, 60.0, 10.0), ("fishdip", 0.01, 0, 30.0, 5.0), ("fixed-fish", 0.01, 0, 31.0, 4.0)]
+    for method, fraction, seed, entity, relation in fixtures:
+        (tmp_path / run.result_name(method, fraction, seed)).write_text(
+            json.dumps(fixture_record(method, fraction, seed, entity, relation)))
+    (tmp_path / "not-a-run.json").write_text("[1, 2]")
+    path = report.write_report(tmp_path, lr_file=tmp_path / "missing.json")
+    text = path.read_text()
+    fish_row = next(line for line in text.splitlines() if line.startswith("| 5% | FISH-DIP |"))
+    assert "| 3 | 52.0 ± 2.0 | 23.0 ± 3.0 |" in fish_row
+    lora_row = next(line for line in text.splitlines() if line.startswith("| 5% | LoRA |"))
+    assert "| 1 | 60.0 | 10.0 |" in lora_row
+    assert "FISH-DIP loses to LoRA (entity F1 52.0 vs 60.0)" in text
+    assert "FISH-DIP loses to FISH mask (fixed) (entity F1 30.0 vs 31.0)" in text
+    assert "python -m benchmarks.conll04.run --quick" in text
+    for figure in ("figure2.png", "figure4.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_from_pipeline_flags_partial_test_set(pipeline) -> None:
+    results, lr_file, _ = pipeline
+    text = (results / "REPORT.md").read_text()
+    assert "FISH-DIP" in text and "LoRA" in text and "†" in text
+    assert (results / "figure2.png").is_file() and (results / "figure4.png").is_file()
