@@ -85,6 +85,7 @@ def test_ratios_are_consistent_with_the_rows(smoke_run):
     targets = data["targets"]
     assert targets == compute_targets(data["ratios"], "tiny")
     assert len(targets) == 5
+    assert targets[0]["value_cpu_time"] == ratios["step_cpu_fishdip_over_full_ft"]
     for target in targets:
         assert target["met"] == (target["value"] <= target["limit"])
 
