@@ -39,10 +39,10 @@ from typing import Any, Optional
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_JSON = RESULTS_DIR / "efficiency.json"
-METHODS = ("full-ft", "lora", "fishdip", "dense-mask", "fishdip-sddmm", "fishdip-lowmem")
-# The last two are FISH-DIP with benchmark-only prototypes of proposed core patches:
-# fishdip-sddmm (benchmarks/sddmm_prototype.py) and fishdip-lowmem (benchmarks/lowmem_prototype.py).
-FISHDIP_METHODS = ("fishdip", "fishdip-sddmm", "fishdip-lowmem")
+METHODS = ("full-ft", "lora", "fishdip", "dense-mask", "fishdip-sddmm", "fishdip-lowmem", "fishdip-lean")
+# The last three are FISH-DIP with benchmark-only prototypes of proposed core patches: fishdip-sddmm
+# (benchmarks/sddmm_prototype.py), fishdip-lowmem (benchmarks/lowmem_prototype.py) and fishdip-lean (both).
+FISHDIP_METHODS = ("fishdip", "fishdip-sddmm", "fishdip-lowmem", "fishdip-lean")
 SIZES = ("tiny", "35m", "135m")
 SCHEMA_VERSION = 1
 SMOLLM2_VOCAB = 49152
@@ -242,7 +242,7 @@ class Runner:
 
             config = FishDipConfig(density=args.density, update_every=args.update_every, num_regressing=args.n)
             self.model = get_peft_model(model, config)
-            if method == "fishdip-sddmm":
+            if method in ("fishdip-sddmm", "fishdip-lean"):
                 from benchmarks.sddmm_prototype import enable_sampled_linear_grads
 
                 enable_sampled_linear_grads(self.model)
@@ -265,7 +265,7 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         self.refreshed = False
         if self.method in FISHDIP_METHODS:  # the README's order: step() before backward()
-            if self.method == "fishdip-lowmem":
+            if self.method in ("fishdip-lowmem", "fishdip-lean"):
                 from benchmarks.lowmem_prototype import forward_with_per_sample_losses_fused
 
                 outputs, losses = forward_with_per_sample_losses_fused(self.model, batch)
@@ -358,7 +358,7 @@ def worker_train(args) -> dict[str, Any]:
     if runner.method != "full-ft" and runner.method != "lora":
         row["first_mask_seconds_in_step"] = round(warmup[0][0], 4) if warmup else None
     row["peak_memory_with_warmup_bytes"] = meter.peak() if not device.startswith("cuda") else None
-    if runner.method == "fishdip-lowmem":  # after the first mask: simulate a core without the flat buffer
+    if runner.method in ("fishdip-lowmem", "fishdip-lean"):  # after the first mask: a core without the flat buffer
         from benchmarks.lowmem_prototype import drop_flat_mask_buffer
 
         row["mask_buffer_bytes_dropped"] = drop_flat_mask_buffer(runner.model)
@@ -701,7 +701,7 @@ def compute_ratios(rows: list[dict]) -> dict[str, dict[str, Optional[float]]]:
     for size in dict.fromkeys(r["model"] for r in rows):
         get = {m: _row(rows, size, m) or {} for m in METHODS}
         fish, full, lora, dense = get["fishdip"], get["full-ft"], get["lora"], get["dense-mask"]
-        sddmm, lowmem = get["fishdip-sddmm"], get["fishdip-lowmem"]
+        sddmm, lowmem, lean = get["fishdip-sddmm"], get["fishdip-lowmem"], get["fishdip-lean"]
         net = lambda r: r["peak_memory_bytes"] - r["rss_after_import_bytes"] if r else None  # noqa: E731
         ratios[size] = {
             "step_fishdip_over_full_ft": _ratio(fish.get("step_seconds"), full.get("step_seconds")),
@@ -733,6 +733,9 @@ def compute_ratios(rows: list[dict]) -> dict[str, dict[str, Optional[float]]]:
             "memory_fishdip_lowmem_over_full_ft": _ratio(lowmem.get("peak_memory_bytes"), full.get("peak_memory_bytes")),
             "memory_fishdip_lowmem_over_lora": _ratio(lowmem.get("peak_memory_bytes"), lora.get("peak_memory_bytes")),
             "step_cpu_fishdip_lowmem_over_fishdip": _ratio(lowmem.get("step_cpu_seconds"), fish.get("step_cpu_seconds")),
+            "step_fishdip_lean_over_full_ft": _ratio(lean.get("step_seconds"), full.get("step_seconds")),
+            "memory_fishdip_lean_over_full_ft": _ratio(lean.get("peak_memory_bytes"), full.get("peak_memory_bytes")),
+            "memory_fishdip_lean_over_lora": _ratio(lean.get("peak_memory_bytes"), lora.get("peak_memory_bytes")),
             "checkpoint_fishdip_over_lora": _ratio(fish.get("checkpoint_bytes"), lora.get("checkpoint_bytes")),
             "checkpoint_fishdip_over_full_ft": _ratio(fish.get("checkpoint_bytes"), full.get("checkpoint_bytes")),
         }
@@ -798,7 +801,8 @@ def _worker_argv(args, kind: str, size: str, method: str, out: str) -> list[str]
             "--worker-out", out, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
             "--dtype", args.dtype, "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
             "--density", str(args.density), "--update-every", str(args.update_every), "--n", str(args.n),
-            "--refresh-repeats", str(args.refresh_repeats), "--threads", str(args.threads), "--scaling-n", ",".join(map(str, args.scaling_n))]
+            "--refresh-repeats", str(args.refresh_repeats), "--threads", str(args.threads),
+            "--scaling-n", ",".join(map(str, args.scaling_n))]
     return argv
 
 
@@ -948,7 +952,7 @@ def render_report(data: dict, notes: str = "") -> str:
         "*CPU s* is the process CPU time of the same steps, which other processes' load inflates less.",
         "",
         "Memory is the peak RSS of the measurement window (it includes ~"
-        f"{_mib(statistics.median([r['rss_after_import_bytes'] for r in data['methods'] if 'rss_after_import_bytes' in r] or [0]))}"
+        f"{_mib(statistics.median([r.get('rss_after_import_bytes', 0) for r in data['methods']] or [0]))}"
         " MiB of Python/torch libraries, column *import*); *refresh peak* is the peak of a mask refresh "
         "with the training state alive. Checkpoint bytes are the weight files' size.",
         "",
