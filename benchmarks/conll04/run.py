@@ -245,6 +245,10 @@ def run_worker(path: Path, spec: dict) -> tuple[int, float]:
     start = time.perf_counter()
     command = [sys.executable, "-m", "benchmarks.conll04.run", "--worker", json.dumps(spec), "--out", str(path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Idle OpenMP threads sleep instead of spinning: on cores shared with other jobs a spinning team is
+    # several times slower (one forward+backward of SmolLM2, batch 8 x 100 tokens, with the load average
+    # at ~5 on 2 cores: 64 s spinning, 17 s passive). Set OMP_WAIT_POLICY yourself to override.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     rc = subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
     return rc, time.perf_counter() - start
 

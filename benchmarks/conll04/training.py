@@ -473,6 +473,7 @@ def execute_run(spec: dict) -> dict:
         **git_commit(),
         "versions": package_versions(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
         "load_average_start": [round(x, 2) for x in load_average_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
