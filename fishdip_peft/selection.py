@@ -16,11 +16,6 @@ import torch
 _BUCKETS = 1 << 16
 
 
-def _keys(scores: torch.Tensor) -> torch.Tensor:
-    """Monotone int32 keys of non-negative float32 scores (int64 to keep shifts simple)."""
-    return scores.detach().reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64)
-
-
 def _kth_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
     """Bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
     above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0]) - histogram
@@ -37,28 +32,33 @@ def global_topk_indices(scores: Sequence[torch.Tensor], k: int) -> list[torch.Te
     total = sum(s.numel() for s in scores)
     if not 0 < k <= total:
         raise ValueError(f"k must be in [1, {total}], got {k}.")
-    for s in scores:
-        if not torch.isfinite(s).all() or (s < 0).any():
+    # The int32 bit patterns of non-negative float32 values are ordered like the values (no copy for
+    # float32); negative floats have negative keys, +inf and NaN keys of 0x7F800000 and above.
+    keys = [s.detach().reshape(-1).to(torch.float32).view(torch.int32) for s in scores]
+    for key in keys:
+        low, high = torch.aminmax(key)
+        if int(low) < 0 or int(high) >= 0x7F800000:
             raise ValueError("scores must be finite and non-negative.")
 
     high = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for s in scores:
-        high += torch.bincount((_keys(s) >> 16).cpu(), minlength=_BUCKETS)
+    for key in keys:
+        high += torch.bincount((key >> 16).cpu(), minlength=_BUCKETS)
     high_bucket, above_high = _kth_bucket(high, k)
 
+    lo, hi = high_bucket << 16, (high_bucket + 1) << 16
     low = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for s in scores:
-        keys = _keys(s)
-        low += torch.bincount((keys[(keys >> 16) == high_bucket] & 0xFFFF).cpu(), minlength=_BUCKETS)
+    for key in keys:
+        low += torch.bincount((key[(key >= lo) & (key < hi)] - lo).cpu(), minlength=_BUCKETS)
     low_bucket, above_low = _kth_bucket(low, k - above_high)
 
-    threshold = (high_bucket << 16) | low_bucket
+    threshold = lo | low_bucket
     ties_needed = k - above_high - above_low
     selected = []
-    for s in scores:
-        keys = _keys(s)
-        ties = torch.nonzero(keys == threshold).flatten()[:ties_needed]
-        ties_needed -= ties.numel()
-        chosen = torch.cat([torch.nonzero(keys > threshold).flatten(), ties])
-        selected.append(torch.sort(chosen).values)
+    for key in keys:
+        chosen = torch.nonzero(key > threshold).flatten()
+        if ties_needed > 0:
+            ties = torch.nonzero(key == threshold).flatten()[:ties_needed]
+            ties_needed -= ties.numel()
+            chosen = torch.sort(torch.cat([chosen, ties])).values
+        selected.append(chosen)
     return selected
