@@ -154,6 +154,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def core_sha256() -> str:
+    """SHA-256 of the imported `fishdip_peft` sources, so rows measured on different core code can be told apart."""
+    import hashlib
+
+    import fishdip_peft
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(fishdip_peft.__file__).resolve().parent.glob("*.py")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def _set_threads(args) -> None:
     import torch
 
@@ -340,7 +352,7 @@ def worker_train(args) -> dict[str, Any]:
         "model": args.size, "method": args.method, "params_total": params_total,
         "trainable_entries": runner.trainable, "memory_kind": "cuda_allocated" if device.startswith("cuda") else "rss",
         "rss_after_import_bytes": rss_import, "rss_after_build_bytes": rss_build,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "core_sha256": core_sha256(),
     }
     step = 0
 
@@ -486,7 +498,7 @@ def worker_scaling(args) -> dict[str, Any]:
         })
         model = peft_model.unload()
         del peft_model
-    return {"rows": rows, "loadavg_start": load_start, "loadavg_end": _loadavg()}
+    return {"rows": rows, "loadavg_start": load_start, "loadavg_end": _loadavg(), "core_sha256": core_sha256()}
 
 
 PROTOTYPE_VARIANTS = (  # (name, patch_refresh options or None for the core as it is)
@@ -555,7 +567,8 @@ def worker_prototypes(args) -> dict[str, Any]:
                          "refresh_cpu_seconds": cpu, "fisher_seconds": phases["fisher"], "topk_seconds": phases["topk"],
                          "other_seconds": seconds - phases["fisher"] - phases["topk"],
                          "selection_overlap_with_core": None if common is None else common / state.k})
-    return {"rows": rows, "loadavg_start": load_start, "loadavg_end": _loadavg(), "torch_threads": torch.get_num_threads()}
+    return {"rows": rows, "loadavg_start": load_start, "loadavg_end": _loadavg(), "torch_threads": torch.get_num_threads(),
+            "core_sha256": core_sha256()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,9 +679,9 @@ def environment() -> dict[str, Any]:
             cpu = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), cpu)
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    try:  # EFFICIENCY_GIT_COMMIT: the commit a source snapshot without .git was exported from
+        commit = os.environ.get("EFFICIENCY_GIT_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "fishdip_peft", "benchmarks"], capture_output=True,
                                text=True, cwd=Path(__file__).resolve().parent).stdout.splitlines()
     except OSError:
@@ -677,7 +690,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "torch_threads": torch.get_num_threads(), "cpu": cpu,
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "git_commit": commit,
-        "uncommitted_files": [line[3:] for line in dirty],
+        "uncommitted_files": [line[3:] for line in dirty], "core_sha256": core_sha256(),
+        "source": os.environ.get("EFFICIENCY_SOURCE", str(Path(__file__).resolve().parents[1])),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:
@@ -892,6 +906,8 @@ def run_all(args, command: str) -> dict:
             data["prototypes"] = _prototype_section(command, done)
         data["environment"]["loadavg_end"] = _loadavg()
         data["environment"]["elapsed_seconds"] = time.perf_counter() - begin
+        versions = {r.get("core_sha256") for _, r in done if r.get("core_sha256")} | {data["environment"]["core_sha256"]}
+        data["environment"]["core_sha256_consistent"] = len(versions) == 1
         write_json_atomic(out_path, data)
 
     _run_tasks(args, tasks, record)

@@ -42,6 +42,7 @@ def test_json_schema(smoke_run):
     assert data["complete"] is True
     assert data["command"].startswith("python -m benchmarks.efficiency ")
     assert {"torch", "torch_threads", "cpu", "loadavg_start", "loadavg_end"} <= set(data["environment"])
+    assert data["environment"]["core_sha256_consistent"] is True
     assert data["settings"]["batch_size"] == 2 and data["settings"]["seq_len"] == 8
     assert data["settings"]["dtype"] == "fp32"
     rows = data["methods"]
