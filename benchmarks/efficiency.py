@@ -236,6 +236,10 @@ class Runner:
         self.method, self.args = method, args
         self.dense = None
         model.train()
+        if getattr(args, "gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            if method not in ("full-ft", "dense-mask"):  # reentrant checkpointing needs inputs that require grad
+                model.enable_input_require_grads()
         if method == "full-ft":
             model.requires_grad_(True)
             self.model = model
@@ -817,6 +821,8 @@ def _worker_argv(args, kind: str, size: str, method: str, out: str) -> list[str]
             "--density", str(args.density), "--update-every", str(args.update_every), "--n", str(args.n),
             "--refresh-repeats", str(args.refresh_repeats), "--threads", str(args.threads),
             "--scaling-n", ",".join(map(str, args.scaling_n))]
+    if args.gradient_checkpointing:
+        argv.append("--gradient-checkpointing")
     return argv
 
 
@@ -827,7 +833,7 @@ def _settings(args, target_model: str) -> dict[str, Any]:
         "density": args.density, "update_every": args.update_every, "num_regressing": args.n,
         "refresh_repeats": args.refresh_repeats, "threads": args.threads or None, "scaling_n": args.scaling_n,
         "scaling_sizes": args.scaling_sizes, "prototype_sizes": args.prototype_sizes, "target_model": target_model,
-        "jobs": args.jobs, "optimizer": f"torch.optim.AdamW lr={LEARNING_RATE} (defaults: weight_decay=0.01; "
+        "jobs": args.jobs, "gradient_checkpointing": args.gradient_checkpointing, "optimizer": f"torch.optim.AdamW lr={LEARNING_RATE} (defaults: weight_decay=0.01; "
         "dense-mask: weight_decay=0)", "lora": LORA_HP, "fishdip_values_dtype": "float32",
         "size_configs": SIZE_CONFIGS, "data": "random token ids, no padding, every token a target",
         "memory": "peak RSS (VmHWM) of each window after gc + malloc_trim + peak reset, one fresh process per "
@@ -914,6 +920,27 @@ def run_all(args, command: str) -> dict:
     data["complete"] = True
     data["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(out_path, data)
+    return data
+
+
+def run_variant_only(args, command: str) -> dict:
+    """Measure `--methods` on `--sizes` under other settings and store them in the existing JSON's
+    `variants[--variant-only]` (with their own ratios; the main rows stay as they are)."""
+    out_path = Path(args.out)
+    data = json.loads(out_path.read_text())
+    target_model = args.target_model or args.sizes[-1]
+    variant = {"command": command, "settings": _settings(args, target_model), "methods": [], "ratios": {},
+               "targets": [], "loadavg_start": _loadavg()}
+
+    def record(done) -> None:
+        variant["methods"] = [r for _, r in done]
+        variant["ratios"] = compute_ratios(variant["methods"])
+        variant["targets"] = compute_targets(variant["ratios"], target_model)
+        variant["loadavg_end"] = _loadavg()
+        data.setdefault("variants", {})[args.variant_only] = variant
+        write_json_atomic(out_path, data)
+
+    _run_tasks(args, [("train", size, method) for size in args.sizes for method in args.methods], record)
     return data
 
 
@@ -1021,6 +1048,22 @@ def render_report(data: dict, notes: str = "") -> str:
         for r in scaling["refresh_vs_model_size"]:
             lines.append(f"| {r['model']} | {r['params_total'] / 1e6:.1f}M | {_num(r['refresh_seconds'], 2)} "
                          f"| {_num(r['step_seconds'], 3)} | {_num(r['refresh_over_step'], 2)} |")
+    for name, variant in data.get("variants", {}).items():
+        vs = variant["settings"]
+        lines += ["", f"## Variant `{name}`: batch {vs['batch_size']} x {vs['seq_len']}, {vs['dtype']}, gradient "
+                  f"checkpointing {'on' if vs.get('gradient_checkpointing') else 'off'}", "",
+                  f"Command: `{variant['command']}`", "",
+                  "| model | method | step s | step CPU s | peak MiB | window start MiB |", "|---|---|---:|---:|---:|---:|"]
+        for r in variant["methods"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['method']} | error | | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['method']} | {_num(r['step_seconds'], 3)} | {_num(r['step_cpu_seconds'], 3)} "
+                         f"| {_mib(r['peak_memory_bytes'])} | {_mib(r['memory_at_window_start_bytes'])} |")
+        lines += ["", "| target (this variant) | value | met |", "|---|---:|---|"]
+        for t in variant["targets"]:
+            if t["value"] is not None:
+                lines.append(f"| {t['target']} | {_num(t['value'], 3)} | {'yes' if t['met'] else '**no**'} |")
     protos = data.get("prototypes", {})
     if protos.get("rows"):
         lines += ["", "## Refresh prototypes (benchmarks/refresh_prototype.py; same pooled samples; median of repeats)",
@@ -1095,6 +1138,10 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--profile", action="store_true", help="profile --size/--method in this process, print tables")
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="enable (reentrant) gradient checkpointing in every method's model")
+    p.add_argument("--variant-only", default=None, metavar="NAME",
+                   help="only measure --methods on --sizes and store them as variants[NAME] of the existing JSON")
     p.add_argument("--prototypes-only", action="store_true",
                    help="only run the refresh prototypes (on --sizes) and update the JSON's `prototypes` section")
     p.add_argument("--prototype-sizes", type=_str_list, default=None,
@@ -1137,6 +1184,8 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.efficiency" + "".join(" " + shlex.quote(a) for a in argv)
     if args.prototypes_only:
         run_prototypes_only(args, command)
+    elif args.variant_only:
+        run_variant_only(args, command)
     elif not args.report_only:
         run_all(args, command)
     print(write_report(Path(args.out), md_path))
