@@ -929,8 +929,10 @@ def run_variant_only(args, command: str) -> dict:
     out_path = Path(args.out)
     data = json.loads(out_path.read_text())
     target_model = args.target_model or args.sizes[-1]
+    env = environment()
     variant = {"command": command, "settings": _settings(args, target_model), "methods": [], "ratios": {},
-               "targets": [], "loadavg_start": _loadavg()}
+               "targets": [], "loadavg_start": _loadavg(),
+               "environment": {k: env[k] for k in ("git_commit", "uncommitted_files", "core_sha256", "source")}}
 
     def record(done) -> None:
         variant["methods"] = [r for _, r in done]
