@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.io import write_json_atomic
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_JSON = RESULTS_DIR / "efficiency.json"
 METHODS = ("full-ft", "lora", "fishdip", "dense-mask", "fishdip-sddmm", "fishdip-lowmem", "fishdip-lean")
@@ -799,19 +801,6 @@ def compute_scaling(rows: list[dict], scaling_rows: list[dict]) -> dict[str, Any
     for size in dict.fromkeys(r["model"] for r in scaling_rows):
         fits[size] = _fit_line([(r["n"], r["refresh_seconds"]) for r in scaling_rows if r["model"] == size])
     return {"refresh_vs_n": scaling_rows, "refresh_vs_n_fit": fits, "refresh_vs_model_size": by_size}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=1)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _worker_argv(args, kind: str, size: str, method: str, out: str) -> list[str]:

@@ -6,7 +6,7 @@ Three independent changes to `fishdip_peft.fisher.empirical_fisher` / `fishdip_p
    sparse gradient (the rows of the sample's tokens) instead of `embedding_dense_backward`'s dense
    (vocab x hidden) tensor, which costs a zero-fill, an index_add and, for a tied LM head, a dense add per
    sample. Duplicate rows are summed (`coalesce`) before squaring, so the score is unchanged.
-2. `fast_global_topk_indices` (exact, same tie-breaking): the core's radix select converts every score
+2. `fast_global_topk_indices` (exact, same tie-breaking; now the core's `global_topk_indices`): the earlier core radix select converted every score
    tensor to int64 keys three times and checks finiteness twice more (isfinite, any, all over |θ|); here
    the int32 bit patterns are used as they are (monotone for non-negative floats) and the validity check
    is one min/max over the keys.
@@ -26,8 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-_BUCKETS = 1 << 16
-
+from fishdip_peft.selection import global_topk_indices as fast_global_topk_indices
 
 def empirical_fisher(
     model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter], *, mean: bool = True,
@@ -89,45 +88,6 @@ def empirical_fisher(
         for score in scores:
             score.div_(len(samples))
     return scores
-
-
-def _kth_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
-    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0]) - histogram
-    bucket = int(torch.nonzero((above < k) & (above + histogram >= k)).max())
-    return bucket, int(above[bucket])
-
-
-def fast_global_topk_indices(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Same result as `fishdip_peft.selection.global_topk_indices` (ties to the lower flat index)."""
-    total = sum(s.numel() for s in scores)
-    if not 0 < k <= total:
-        raise ValueError(f"k must be in [1, {total}], got {k}.")
-    keys = [s.detach().reshape(-1).to(torch.float32).view(torch.int32) for s in scores]  # no copy for fp32
-    for key in keys:  # negative floats have negative int32 keys; +inf and NaN are >= 0x7F800000
-        low, high = torch.aminmax(key)
-        if int(low) < 0 or int(high) >= 0x7F800000:
-            raise ValueError("scores must be finite and non-negative.")
-    high = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for key in keys:
-        high += torch.bincount((key >> 16).cpu(), minlength=_BUCKETS)
-    high_bucket, above_high = _kth_bucket(high, k)
-    lo, hi = high_bucket << 16, (high_bucket + 1) << 16
-    low = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for key in keys:
-        inside = key[(key >= lo) & (key < hi)]
-        low += torch.bincount((inside - lo).cpu(), minlength=_BUCKETS)
-    low_bucket, above_low = _kth_bucket(low, k - above_high)
-    threshold = lo | low_bucket
-    ties_needed = k - above_high - above_low
-    selected = []
-    for key in keys:
-        above = torch.nonzero(key > threshold).flatten()
-        if ties_needed > 0:
-            ties = torch.nonzero(key == threshold).flatten()[:ties_needed]
-            ties_needed -= ties.numel()
-            above = torch.sort(torch.cat([above, ties])).values
-        selected.append(above)
-    return selected
 
 
 @contextlib.contextmanager

@@ -35,13 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.io import write_json_atomic
 from benchmarks.conll04.training import (
     BATCH_SIZE,
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
     EVAL_BATCH_SIZE,
     REPO_ROOT,
-    atomic_write_json,
     default_steps,
 )
 
@@ -334,7 +334,7 @@ def write_lr_selection(args, plan: list[tuple[Path, dict]], command: str) -> dic
         "commit": git,
         "methods": dict(sorted(methods.items(), key=lambda kv: METHODS.index(kv[0]))),
     }
-    atomic_write_json(args.lr_file, selection)
+    write_json_atomic(args.lr_file, selection)
     return selection
 
 
@@ -387,7 +387,7 @@ def worker_main(spec_json: str, out: Path) -> int:
     spec = json.loads(spec_json)
     record = execute_run(spec)
     record["run_spec"] = {key: spec.get(key) for key in CONFIG_KEYS}
-    atomic_write_json(out, record)
+    write_json_atomic(out, record)
     return 0
 
 
@@ -429,7 +429,7 @@ def record_quick_timing(args, plan_size: int, executed: int, seconds: float, loa
     if executed != plan_size:
         print(f"--quick wall time not recorded: {plan_size - executed} of its runs were already finished")
         return
-    atomic_write_json(args.results_dir / QUICK_TIMING, {
+    write_json_atomic(args.results_dir / QUICK_TIMING, {
         "command": command, "wall_seconds": round(seconds, 1), "runs": plan_size,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpu_count": os.cpu_count(),
         "load_average_start": [round(x, 2) for x in load_start],

@@ -42,6 +42,7 @@ import torch
 from benchmarks.conll04.data import Sentence, load_split, load_types, train_subset
 from benchmarks.conll04.metrics import evaluate
 from benchmarks.conll04.tanl import format_input, format_target, parse_output
+from benchmarks.io import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "default"
@@ -356,20 +357,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- one run ---------------------------------------------------------------------------------------------
