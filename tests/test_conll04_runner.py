@@ -83,7 +83,7 @@ def pipeline(tiny_model_dir, tmp_path_factory):
     argv = ["--methods", "fishdip,lora", "--fractions", "0.004", "--seeds", "0", "--model", str(tiny_model_dir),
             "--steps", "2", "--batch-size", "2", "--eval-limit", "3", "--max-new-tokens", "12",
             "--results-dir", str(results),
-            "--lr-file", str(lr_file), "--no-progress"]
+            "--lr-file", str(lr_file), "--no-progress", "--no-report"]
     assert run.main(argv) == 0
     return results, lr_file, argv
 
@@ -206,6 +206,7 @@ def test_report_mean_and_std_from_fixtures(tmp_path) -> None:
 
 def test_report_from_pipeline_flags_partial_test_set(pipeline) -> None:
     results, lr_file, _ = pipeline
+    assert report.main(["--results-dir", str(results), "--lr-file", str(lr_file), "--quiet"]) == 0
     text = (results / "REPORT.md").read_text()
     assert "FISH-DIP" in text and "LoRA" in text and "†" in text
     assert (results / "figure2.png").is_file() and (results / "figure4.png").is_file()
