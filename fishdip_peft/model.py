@@ -342,7 +342,7 @@ class FishDipModel(BaseTuner):
     # -- checkpoint ----------------------------------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        return checkpoint.sparse_delta_state_dict(_tuner_of(model).fishdip_state, config.delta_dtype)
+        return checkpoint.sparse_delta_state_dict(distributed.fishdip_tuner(model).fishdip_state, config.delta_dtype)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -350,7 +350,7 @@ class FishDipModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        state = _tuner_of(model).fishdip_state
+        state = distributed.fishdip_tuner(model).fishdip_state
         checkpoint.validate_and_apply(state, state_dict)
         # The deltas are now in the weights. The trainable values belong to a mask the file does not
         # hold; passing them through unchanged keeps peft from reporting them as missing.
@@ -429,9 +429,3 @@ def _select_rows(batch: Mapping[str, Any], rows: torch.Tensor, size: int) -> dic
         for k, v in batch.items()
     }
 
-
-def _tuner_of(model) -> FishDipModel:
-    tuner = getattr(model, "base_model", model)
-    if not isinstance(tuner, FishDipModel):
-        raise TypeError("expected a PeftModel wrapping a FishDipModel.")
-    return tuner

@@ -99,26 +99,23 @@ def test_bfloat16_deltas_halve_the_values(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=2e-2, rtol=0)
 
 
-def test_loading_onto_a_different_base_fails_and_changes_nothing(tmp_path):
-    model = trained(tiny_llama, causal_batch)
-    model.save_pretrained(tmp_path)
-    other = tiny_llama(seed=1)
+def assert_load_refused_and_nothing_changed(other, adapter_dir, match):
     before = {n: p.clone() for n, p in other.named_parameters()}
-    with pytest.raises(ValueError, match="differ from those the adapter was trained on"):
-        PeftModel.from_pretrained(other, tmp_path)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(other, adapter_dir)
     assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+
+
+def test_loading_onto_a_different_base_fails_and_changes_nothing(tmp_path):
+    trained(tiny_llama, causal_batch).save_pretrained(tmp_path)
+    assert_load_refused_and_nothing_changed(tiny_llama(seed=1), tmp_path, "differ from those the adapter was trained on")
 
 
 def test_loading_onto_a_base_of_another_shape_fails_and_changes_nothing(tmp_path):
-    model = trained(tiny_llama, causal_batch)
-    model.save_pretrained(tmp_path)
+    trained(tiny_llama, causal_batch).save_pretrained(tmp_path)
     config = tiny_llama().config
     config.vocab_size = 72
-    other = LlamaForCausalLM(config)
-    before = {n: p.clone() for n, p in other.named_parameters()}
-    with pytest.raises(ValueError, match="different base model"):
-        PeftModel.from_pretrained(other, tmp_path)
-    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    assert_load_refused_and_nothing_changed(LlamaForCausalLM(config), tmp_path, "different base model")
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
