@@ -19,6 +19,7 @@ from benchmarks.conll04.tanl import format_target
 from benchmarks.conll04.training import (
     IGNORE_INDEX,
     TanlEncoder,
+    batch_losses,
     batch_stream,
     default_steps,
     fishdip_schedule,
@@ -115,6 +116,44 @@ def test_encoder_masks_prompt_and_ends_with_eos() -> None:
     assert example.labels[-1] == tokenizer.eos_token_id
     batch = encoder.collate([example, encoder.train_example(load_split("train")[1])])
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def tiny_t5(vocab_size: int, pad_id: int, eos_id: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=vocab_size, d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=4,
+                      decoder_start_token_id=pad_id, pad_token_id=pad_id, eos_token_id=eos_id)
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "t5"])
+def test_unpadded_batch_losses_match_one_padded_forward(architecture) -> None:
+    from fishdip_peft import forward_with_per_sample_losses
+
+    tokenizer = word_level_tokenizer()
+    factory = tiny_llama if architecture == "llama" else tiny_t5
+    model = factory(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).eval()
+    encoder = TanlEncoder(tokenizer, encoder_decoder=architecture == "t5", types=load_types())
+    examples = [encoder.train_example(s) for s in load_split("train")[:4]]
+    assert len({len(e.input_ids) for e in examples}) > 1  # the padded batch has padding
+
+    def loss_and_grads(compute):
+        model.zero_grad(set_to_none=True)
+        loss, losses = compute()
+        loss.backward()
+        return loss.detach(), losses.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def padded_forward():
+        outputs, losses = forward_with_per_sample_losses(model, encoder.collate(examples))
+        return outputs.loss, losses
+
+    padded = loss_and_grads(padded_forward)
+    unpadded = loss_and_grads(lambda: batch_losses(model, encoder, examples))
+    torch.testing.assert_close(unpadded[0], padded[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unpadded[1], padded[1], rtol=1e-5, atol=1e-6)
+    for got, expected in zip(unpadded[2], padded[2]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir) -> None:

@@ -41,6 +41,7 @@ from benchmarks.conll04.training import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
     EVAL_BATCH_SIZE,
+    PROTOCOL,
     REPO_ROOT,
     default_steps,
 )
@@ -73,7 +74,8 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 DEFAULT_LR = {method: grid[len(grid) // 2] for method, grid in LR_GRID.items()}
 # Fields of a run's configuration: a JSON that differs in any of them is stale and run again.
 CONFIG_KEYS = ("method", "train_fraction", "seed", "steps", "learning_rate", "model_spec", "eval_split",
-               "eval_limit", "eval_max_new_tokens", "batch_size", "method_overrides", "dtype")
+               "eval_limit", "eval_max_new_tokens", "batch_size", "eval_batch_size", "method_overrides", "dtype",
+               "protocol")
 
 
 # -- names and configuration -------------------------------------------------------------------
@@ -177,6 +179,7 @@ def base_spec(args, method: str, fraction: float, seed: int, steps: int) -> dict
         "eval_batch_size": args.eval_batch_size,
         "dtype": args.dtype,
         "method_overrides": {},
+        "protocol": PROTOCOL,
         "eval_max_new_tokens": args.max_new_tokens,
         "progress": not args.no_progress,
     }
