@@ -18,6 +18,7 @@ from benchmarks.conll04.data import load_split, load_types
 from benchmarks.conll04.tanl import format_target
 from benchmarks.conll04.training import (
     IGNORE_INDEX,
+    PROTOCOL,
     TanlEncoder,
     batch_losses,
     batch_stream,
@@ -220,7 +221,8 @@ def fixture_record(method: str, fraction: float, seed: int, entity: float, relat
             "trainable_params": 1000, "total_params": 100_000, "checkpoint_bytes": 8_000,
             "eval_split": "test", "eval_sentences": 288, "final_train_loss": 0.25, "commit": "abc",
             "hyperparameters": {"method": {"density": 0.01, "update_every": 1, "num_regressing": 15}},
-            "versions": {}, "train_log": log, "command": "python -m benchmarks.conll04.run --fixture"}
+            "versions": {}, "train_log": log, "command": "python -m benchmarks.conll04.run --fixture",
+            "protocol": PROTOCOL}
 
 
 def test_report_mean_and_std_from_fixtures(tmp_path) -> None:
@@ -230,8 +232,12 @@ def test_report_mean_and_std_from_fixtures(tmp_path) -> None:
         (tmp_path / run.result_name(method, fraction, seed)).write_text(
             json.dumps(fixture_record(method, fraction, seed, entity, relation)))
     (tmp_path / "not-a-run.json").write_text("[1, 2]")
+    stale = {**fixture_record("full-ft", 0.05, 0, 99.0, 99.0), "protocol": PROTOCOL - 1}
+    (tmp_path / run.result_name("full-ft", 0.05, 0)).write_text(json.dumps(stale))
     path = report.write_report(tmp_path, lr_file=tmp_path / "missing.json")
     text = path.read_text()
+    assert "Full fine-tuning" not in report.summary_table(report.load_results(tmp_path))
+    assert "1 run(s) made with an earlier version" in text
     fish_row = next(line for line in text.splitlines() if line.startswith("| 5% | FISH-DIP |"))
     assert "| 3 | 52.0 ± 2.0 | 23.0 ± 3.0 |" in fish_row
     lora_row = next(line for line in text.splitlines() if line.startswith("| 5% | LoRA |"))
@@ -249,3 +255,27 @@ def test_report_from_pipeline_flags_partial_test_set(pipeline) -> None:
     text = (results / "REPORT.md").read_text()
     assert "FISH-DIP" in text and "LoRA" in text and "†" in text
     assert (results / "figure2.png").is_file() and (results / "figure4.png").is_file()
+
+
+def test_fishdip_exploration_plan_and_report(tmp_path) -> None:
+    lr_file = tmp_path / "lr_selection.json"
+    args = run.build_parser().parse_args(["--results-dir", str(tmp_path), "--lr-file", str(lr_file)])
+    assert run.plan_exploration(args, "test") == []  # no selected rate yet
+    lr_file.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "methods": {"fishdip": {"selected": 0.003}}}))
+    plan = run.plan_exploration(args, "test")
+    assert len(plan) == len(run.FISHDIP_VARIANTS)
+    for path, spec in plan:
+        assert path.parent.name == "dev_exploration" and spec["method"] == "fishdip"
+        assert spec["eval_split"] == "dev" and spec["learning_rate"] == 0.003 and len(spec["method_overrides"]) == 1
+    assert {k for _, spec in plan for k in spec["method_overrides"]} == {"density", "update_every", "num_regressing"}
+
+    (tmp_path / "lr_selection").mkdir()
+    (tmp_path / "dev_exploration").mkdir()
+    reference = {**fixture_record("fishdip", 0.05, 0, 40.0, 10.0), "learning_rate": 0.003, "eval_sentences": 80}
+    (tmp_path / "lr_selection" / "fishdip-lr0.003.json").write_text(json.dumps(reference))
+    variant = {**reference, "entity_f1": 45.0, "relation_f1": 12.5}
+    variant["hyperparameters"] = {"method": {"density": 0.02, "update_every": 1, "num_regressing": 15}}
+    (tmp_path / "dev_exploration" / "fishdip-density0.02.json").write_text(json.dumps(variant))
+    rows = [line for line in report.exploration_section(tmp_path, lr_file) if line.startswith("| 0.0")]
+    assert rows[0].startswith("| 0.01 | 1 | 15 | 40.0 | 10.0 |")
+    assert rows[1].startswith("| 0.02 | 1 | 15 | 45.0 | 12.5 |")

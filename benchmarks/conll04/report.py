@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.conll04.training import REPO_ROOT
+from benchmarks.conll04.training import PROTOCOL, REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "conll04"
 LR_FILE = REPO_ROOT / "benchmarks" / "conll04" / "lr_selection.json"
@@ -35,6 +35,7 @@ PAPER = {
 COMMANDS = (
     ("quick benchmark (`make bench`)", "python -m benchmarks.conll04.run --quick"),
     ("learning-rate selection on dev", "python -m benchmarks.conll04.run --select-lr"),
+    ("FISH-DIP settings on dev", "python -m benchmarks.conll04.run --explore-fishdip"),
     ("grid, seed 0", "python -m benchmarks.conll04.run --fractions 0.01,0.05,0.1 --seeds 0"),
     ("grid, seeds 1 and 2", "python -m benchmarks.conll04.run --methods fishdip,fixed-fish,full-ft,lora "
                             "--fractions 0.01,0.05,0.1 --seeds 1,2"),
@@ -44,10 +45,10 @@ COMMANDS = (
 
 
 # -- loading and aggregation ------------------------------------------------------------------------
-def load_results(results_dir: str | Path = RESULTS_DIR) -> list[dict]:
-    """Every run JSON directly in `results_dir` (not the learning-rate selection runs)."""
+def load_runs(folder: str | Path) -> list[dict]:
+    """Every run JSON directly in `folder`, whatever its protocol."""
     records = []
-    for path in sorted(Path(results_dir).glob("*.json")):
+    for path in sorted(Path(folder).glob("*.json")):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
@@ -57,6 +58,16 @@ def load_results(results_dir: str | Path = RESULTS_DIR) -> list[dict]:
             record["_file"] = path.name
             records.append(record)
     return records
+
+
+def is_current(record: dict) -> bool:
+    """Made with the runner's current training and decoding procedure (`training.PROTOCOL`)."""
+    return record.get("protocol", 1) == PROTOCOL
+
+
+def load_results(results_dir: str | Path = RESULTS_DIR) -> list[dict]:
+    """The test runs in `results_dir` made with the current protocol (earlier ones await a re-run)."""
+    return [r for r in load_runs(results_dir) if is_current(r)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -292,13 +303,42 @@ def lr_section(lr_file: Path) -> list[str]:
              f"{setting.get('steps', '?')} steps; criterion: {setting.get('criterion', '?')}. "
              "The test set is never used for it.", "",
              "| method | grid | dev (entity / relation F1) per rate | selected |", "| --- | --- | --- | --- |"]
+    edges = []
     for method, entry in selection.get("methods", {}).items():
         scores = "; ".join(f"{lr}: {s['entity_f1']:.1f} / {s['relation_f1']:.1f}"
                            for lr, s in entry.get("dev_scores", {}).items())
-        grid = ", ".join(f"{v:g}" for v in entry.get("grid", []))
+        grid = entry.get("grid", [])
         chosen = entry.get("selected")
-        lines.append(f"| {METHOD_LABELS.get(method, method)} | {grid} | {scores} | "
-                     f"{'incomplete' if chosen is None else f'{chosen:g}'} |")
+        at_edge = chosen is not None and grid and chosen in (min(grid), max(grid))
+        if at_edge:
+            edges.append(METHOD_LABELS.get(method, method))
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | {', '.join(f'{v:g}' for v in grid)} | {scores} | "
+                     f"{'incomplete' if chosen is None else f'{chosen:g}' + (' (edge)' if at_edge else '')} |")
+    if edges:
+        lines += ["", f"(edge): the best rate is at the end of its grid for {', '.join(edges)}; a wider grid might "
+                  "find a better one."]
+    return lines
+
+
+def exploration_section(results_dir: Path, lr_file: Path) -> list[str]:
+    """FISH-DIP's density, m and n varied one at a time on dev (`run.py --explore-fishdip`)."""
+    variants = [r for r in load_runs(results_dir / "dev_exploration") if is_current(r)]
+    if not variants:
+        return ["Not run yet (`python -m benchmarks.conll04.run --explore-fishdip`, after the rate selection)."]
+    lr = variants[0]["learning_rate"]
+    reference = [r for r in load_runs(results_dir / "lr_selection")
+                 if is_current(r) and r["method"] == "fishdip" and r["learning_rate"] == lr]
+    r0 = variants[0]
+    lines = [f"FISH-DIP at its selected rate {lr:g}, {100 * r0['train_fraction']:g}% of train, seed {r0['seed']}, "
+             f"{r0['steps']} steps, scored on the {r0['eval_sentences']} dev sentences of the rate selection; one "
+             "setting changed at a time from the benchmark's (first row). The test set is never used.", "",
+             "| density | m (update_every) | n (num_regressing) | dev entity F1 | dev relation F1 | final loss | "
+             "checkpoint | train time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in reference + sorted(variants, key=lambda r: r["_file"]):
+        m = r["hyperparameters"]["method"]
+        lines.append(f"| {m['density']:g} | {m['update_every']} | {m['num_regressing']} | {r['entity_f1']:.1f} | "
+                     f"{r['relation_f1']:.1f} | {r['final_train_loss']:.3f} | {human_bytes(r['checkpoint_bytes'])} | "
+                     f"{r['train_seconds'] / 60:.1f} min |")
     return lines
 
 
@@ -362,6 +402,7 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     results_dir, lr_file = Path(results_dir), Path(lr_file)
     results_dir.mkdir(parents=True, exist_ok=True)
     records = load_results(results_dir)
+    stale = len(load_runs(results_dir)) - len(records)
     fig2 = figure2(records, results_dir / "figure2.png")
     fig4 = figure4(records, results_dir / "figure4.png")
     chosen, _ = figure4_records(records)
@@ -369,7 +410,9 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     lines = ["# CoNLL'04 benchmark: FISH-DIP and the baselines (the paper's Figure 2 / Table 5, rebuilt)", "",
              "Generated by `python -m benchmarks.conll04.report` from the run JSONs in this folder "
              f"({len(records)} runs). Scores are micro F1 in percent on the CoNLL'04 test set, mean ± sample "
-             "standard deviation (n - 1) over the seeds listed; a single seed has no ±.", ""]
+             "standard deviation (n - 1) over the seeds listed; a single seed has no ±."
+             + (f" {stale} run(s) made with an earlier version of the training and decoding procedure are left "
+                "out until the runner repeats them." if stale else ""), ""]
     lines += ["## Setting", ""] + setting_lines(records) + quick_timing_lines(results_dir, records) + [""]
     lines += ["## Results", "", summary_table(records), ""]
     if any(row["partial"] for row in rows):
@@ -403,6 +446,7 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     else:
         lines += ["Figure 4: needs FISH-DIP and fixed-mask runs.", ""]
     lines += ["## Learning rates", ""] + lr_section(lr_file) + [""]
+    lines += ["## FISH-DIP settings tried on dev", ""] + exploration_section(results_dir, lr_file) + [""]
     lines += ["## Commands", ""]
     lines += [f"- {what}: `{cmd}`" for what, cmd in COMMANDS]
     recorded = sorted({r.get("command") for r in records if r.get("command")})

@@ -19,6 +19,8 @@ value of its grid (`LR_GRID`), scores it on a fixed sample of 80 of the 231 dev 
 records the dev scores and the choice (highest mean of entity and relation F1, ties to the smaller
 rate) in ``benchmarks/conll04/lr_selection.json``. The test set is never used for it. Until a method
 has a selected rate, runs use `DEFAULT_LR` and record ``learning_rate_source: "default"``.
+``--explore-fishdip`` then varies FISH-DIP's density, m and n one at a time (`FISHDIP_VARIANTS`) in the
+same dev setting, at its selected rate, into ``dev_exploration/``; the report tabulates them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ FRACTIONS = (0.01, 0.05, 0.1)
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "conll04"
 LR_FILE = REPO_ROOT / "benchmarks" / "conll04" / "lr_selection.json"
 SELECTION_DIRNAME = "lr_selection"
+EXPLORATION_DIRNAME = "dev_exploration"
 QUICK = {"methods": ("fishdip", "lora", "full-ft"), "fractions": (0.05,), "seeds": (0,)}
 SELECTION = {"train_fraction": 0.05, "seed": 0, "eval_split": "dev", "eval_limit": 80}
 SEED_METHODS = ("fishdip", "fixed-fish", "full-ft", "lora")  # the ones run with seeds 1 and 2 by --grid
@@ -72,6 +75,16 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "fishdip-no-sample-aware": (3e-4, 1e-3, 3e-3),
 }
 DEFAULT_LR = {method: grid[len(grid) // 2] for method, grid in LR_GRID.items()}
+# FISH-DIP settings tried on dev (`--explore-fishdip`), one knob at a time around the benchmark's own
+# (density 1%, m = steps // 6, n = 15) at FISH-DIP's selected rate. They inform the report, not the grid.
+FISHDIP_VARIANTS: dict[str, dict[str, float]] = {
+    "density0.005": {"density": 0.005},
+    "density0.02": {"density": 0.02},
+    "m3": {"update_every": 3},
+    "m20": {"update_every": 20},
+    "n5": {"num_regressing": 5},
+    "n30": {"num_regressing": 30},
+}
 # Fields of a run's configuration: a JSON that differs in any of them is stale and run again.
 CONFIG_KEYS = ("method", "train_fraction", "seed", "steps", "learning_rate", "model_spec", "eval_split",
                "eval_limit", "eval_max_new_tokens", "batch_size", "eval_batch_size", "method_overrides", "dtype",
@@ -209,6 +222,21 @@ def plan_selection(args, command: str) -> list[tuple[Path, dict]]:
             spec.update(learning_rate=lr, learning_rate_source="dev selection grid", eval_split="dev",
                         eval_limit=args.dev_limit, command=command)
             plan.append((args.results_dir / SELECTION_DIRNAME / f"{method}-lr{lr:g}.json", spec))
+    return plan
+
+
+def plan_exploration(args, command: str) -> list[tuple[Path, dict]]:
+    """FISH-DIP variants on the selection's dev setting, at FISH-DIP's selected rate (empty until there is one)."""
+    lr, source = learning_rate("fishdip", args.model, args.lr_file, {})
+    if not source.startswith("dev selection"):
+        return []
+    fraction, seed = SELECTION["train_fraction"], SELECTION["seed"]
+    plan = []
+    for name, overrides in FISHDIP_VARIANTS.items():
+        spec = base_spec(args, "fishdip", fraction, seed, steps_for(fraction, args.steps))
+        spec.update(learning_rate=lr, learning_rate_source=source, eval_split="dev", eval_limit=args.dev_limit,
+                    method_overrides=dict(overrides), command=command)
+        plan.append((args.results_dir / EXPLORATION_DIRNAME / f"fishdip-{name}.json", spec))
     return plan
 
 
@@ -371,9 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="fishdip, lora and full-ft at 5%%, seed 0, then the table and the report")
     parser.add_argument("--select-lr", action="store_true", help="choose each method's learning rate on dev")
+    parser.add_argument("--explore-fishdip", action="store_true",
+                        help="FISH-DIP's density, m and n varied one at a time on dev, at its selected rate")
     parser.add_argument("--grid", action="store_true",
-                        help="the whole benchmark, resumable: --quick, --select-lr, all methods x 1/5/10%% at seed 0, "
-                             f"then seeds 1,2 for {','.join(SEED_METHODS)}; then the report")
+                        help="the whole benchmark, resumable: --quick, --select-lr, --explore-fishdip, all methods x "
+                             f"1/5/10%% at seed 0, then seeds 1,2 for {','.join(SEED_METHODS)}; then the report")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit each result JSON (and the selection file and report) as it lands")
     parser.add_argument("--force", action="store_true", help="run again even if the JSON exists")
@@ -411,14 +441,29 @@ def stage_select(args, command: str) -> list[Path]:
     return failed
 
 
+def stage_explore(args, command: str) -> list[Path]:
+    plan = plan_exploration(args, command)
+    if not plan:
+        print("--explore-fishdip needs FISH-DIP's selected learning rate: run --select-lr first", flush=True)
+        return []
+    failed = execute_plan(plan, args.force, args.commit)
+    if not args.no_report:
+        write_report(args, command)
+    return failed
+
+
 def stage_report(args, command: str) -> None:
     from benchmarks.conll04 import report
 
     records = report.load_results(args.results_dir)
     wanted = {(m, f) for m in args.methods for f in args.fractions}
     print(report.summary_table([r for r in records if (r["method"], r["train_fraction"]) in wanted]), flush=True)
-    if args.no_report:
-        return
+    if not args.no_report:
+        write_report(args, command)
+
+
+def write_report(args, command: str) -> None:
+    """REPORT.md and the figures from every JSON in the results folder (committed with `--commit`)."""
     # In a fresh process, so a long --grid picks up report fixes made while it runs.
     subprocess.run([sys.executable, "-m", "benchmarks.conll04.report", "--results-dir", str(args.results_dir),
                     "--lr-file", str(args.lr_file), "--quiet"], cwd=REPO_ROOT, check=True)
@@ -426,7 +471,7 @@ def stage_report(args, command: str) -> None:
     print(f"wrote {path}", flush=True)
     if args.commit:
         figures = [args.results_dir / name for name in ("figure2.png", "figure4.png", QUICK_TIMING)]
-        commit_paths([path] + figures, f"CoNLL'04 report from {len(records)} runs\n\n"
+        commit_paths([path] + figures, "CoNLL'04 report\n\n"
                                        f"Produced by: {command}; python -m benchmarks.conll04.report")
 
 
@@ -465,14 +510,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.grid:
         stages = [
-            ("python -m benchmarks.conll04.run --quick", dict(quick=True, select_lr=False, methods=list(QUICK["methods"]),
+            ("python -m benchmarks.conll04.run --quick", dict(quick=True, select_lr=False, explore_fishdip=False, methods=list(QUICK["methods"]),
                                                             fractions=list(QUICK["fractions"]), seeds=[0])),
             ("python -m benchmarks.conll04.run --select-lr", dict(quick=False, select_lr=True, methods=list(METHODS),
                                                                 fractions=list(FRACTIONS), seeds=[0])),
-            ("python -m benchmarks.conll04.run --seeds 0", dict(quick=False, select_lr=False, methods=list(METHODS),
-                                                              fractions=list(FRACTIONS), seeds=[0])),
+            ("python -m benchmarks.conll04.run --explore-fishdip", dict(quick=False, select_lr=False,
+                                                                      explore_fishdip=True)),
+            ("python -m benchmarks.conll04.run --seeds 0", dict(quick=False, select_lr=False, explore_fishdip=False,
+                                                              methods=list(METHODS), fractions=list(FRACTIONS),
+                                                              seeds=[0])),
             (f"python -m benchmarks.conll04.run --methods {','.join(SEED_METHODS)} --seeds 1,2",
-             dict(quick=False, select_lr=False, methods=list(SEED_METHODS), fractions=list(FRACTIONS), seeds=[1, 2])),
+             dict(quick=False, select_lr=False, explore_fishdip=False, methods=list(SEED_METHODS),
+                  fractions=list(FRACTIONS), seeds=[1, 2])),
         ]
         for stage_command, values in stages:
             command = f"{stage_command}  (stage of: {invoked})"
@@ -499,6 +548,8 @@ def main_stage(args, command: str) -> list[Path]:
     args.seeds = args.seeds or [0]
     if args.select_lr:
         return stage_select(args, command)
+    if args.explore_fishdip:
+        return stage_explore(args, command)
     plan = plan_runs(args, command)
     pending = sum(1 for path, spec in plan if args.force or not finished(path, spec)[0])
     failed = execute_plan(plan, args.force, args.commit)
