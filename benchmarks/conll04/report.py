@@ -33,7 +33,8 @@ PAPER = {
     "full-ft": {0.01: (46.1, 14.1), 0.05: (74.1, 40.6), 0.1: (79.1, 54.4)},
 }
 COMMANDS = (
-    ("quick benchmark (`make bench`)", "python -m benchmarks.conll04.run --quick"),
+    ("quick benchmark (`make bench` runs it with `--results-dir benchmarks/results/conll04/local`)",
+     "python -m benchmarks.conll04.run --quick"),
     ("learning-rate selection on dev", "python -m benchmarks.conll04.run --select-lr"),
     ("FISH-DIP settings on dev", "python -m benchmarks.conll04.run --explore-fishdip"),
     ("grid, seed 0", "python -m benchmarks.conll04.run --fractions 0.01,0.05,0.1 --seeds 0"),
