@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,25 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir) -> No
     batched = generate(model, encoder, sentences, batch_size=3, progress=False, max_new_tokens_cap=16)
     assert batched == generate(model, encoder, sentences, batch_size=1, progress=False, max_new_tokens_cap=16)
     assert all(0 < len(text.split()) <= 16 for text in batched)
+
+
+def test_seq2seq_model_runs_end_to_end(tmp_path) -> None:
+    """`--model` takes an encoder-decoder (T5): trained on sentence -> target, decoded, scored, saved."""
+    from benchmarks.conll04.training import execute_run
+
+    tokenizer = word_level_tokenizer()
+    tiny_t5(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    record = execute_run({
+        "method": "fishdip", "train_fraction": 0.004, "seed": 0, "steps": 2, "learning_rate": 1e-3,
+        "learning_rate_source": "test", "model": str(tmp_path), "eval_split": "test", "eval_limit": 3,
+        "eval_max_new_tokens": 12, "batch_size": 2, "eval_batch_size": 2, "progress": False,
+        "method_overrides": {"update_every": 1, "num_regressing": 2},
+    })
+    assert record["encoder_decoder"] is True and record["mask_refreshes"] == 2
+    assert len(record["predictions"]) == 3 and all(len(text.split()) <= 12 for text in record["predictions"])
+    assert all(math.isfinite(entry["loss"]) for entry in record["train_log"])
+    assert record["checkpoint_bytes"] > 0
 
 
 def test_pipeline_writes_complete_json(pipeline, tiny_model_dir) -> None:
