@@ -481,7 +481,7 @@ def record_quick_timing(args, plan_size: int, executed: int, seconds: float, loa
         print(f"--quick wall time not recorded: {plan_size - executed} of its runs were already finished")
         return
     write_json_atomic(args.results_dir / QUICK_TIMING, {
-        "command": command, "wall_seconds": round(seconds, 1), "runs": plan_size,
+        "command": command, "wall_seconds": round(seconds, 1), "runs": plan_size, "protocol": PROTOCOL,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpu_count": os.cpu_count(),
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
