@@ -299,3 +299,12 @@ def test_fishdip_exploration_plan_and_report(tmp_path) -> None:
     rows = [line for line in report.exploration_section(tmp_path, lr_file) if line.startswith("| 0.0")]
     assert rows[0].startswith("| 0.01 | 1 | 15 | 40.0 | 10.0 |")
     assert rows[1].startswith("| 0.02 | 1 | 15 | 45.0 | 12.5 |")
+
+
+def test_thread_environment_spins_only_on_idle_cores(monkeypatch) -> None:
+    assert isinstance(run.cpus_idle(seconds=0.05), bool)
+    monkeypatch.setattr(run, "cpus_idle", lambda: True)
+    assert run.thread_environment({}) == {"GOMP_SPINCOUNT": "6000"}
+    monkeypatch.setattr(run, "cpus_idle", lambda: False)
+    assert run.thread_environment({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert run.thread_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}  # the caller's

@@ -271,15 +271,44 @@ def commit_paths(paths: list[Path], message: str, attempts: int = 30) -> bool:
 
 
 # -- execution -----------------------------------------------------------------------------------------
+def cpus_idle(seconds: float = 1.0, busy_limit: float = 0.1) -> bool:
+    """Whether the CPUs were less than `busy_limit` busy over `seconds` (False where /proc/stat is missing)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return False
+    return total1 > total0 and 1 - (idle1 - idle0) / (total1 - total0) < busy_limit
+
+
+def thread_environment(env: dict[str, str]) -> dict[str, str]:
+    """How a run's OpenMP threads wait between operations, unless the caller set it.
+
+    Short spinning beats sleeping on idle cores (a LoRA step of SmolLM2 and decoding, 2 cores: 5.9 s and
+    13.6 s with GOMP_SPINCOUNT=6000, 9.4 s and 18.8 s with OMP_WAIT_POLICY=PASSIVE), but is several times
+    slower when other jobs share the cores (29 s and 47 s spinning, 9.6 s and 23.6 s passive). So a run
+    spins only if the cores were idle when it started; set OMP_WAIT_POLICY=PASSIVE if you will load them.
+    """
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        if cpus_idle():
+            env["GOMP_SPINCOUNT"] = "6000"
+        else:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
 def run_worker(path: Path, spec: dict) -> tuple[int, float]:
     """Run one configuration in a fresh Python process; returns (exit code, seconds)."""
     start = time.perf_counter()
     command = [sys.executable, "-m", "benchmarks.conll04.run", "--worker", json.dumps(spec), "--out", str(path)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Idle OpenMP threads sleep instead of spinning: on cores shared with other jobs a spinning team is
-    # several times slower (one forward+backward of SmolLM2, batch 8 x 100 tokens, with the load average
-    # at ~5 on 2 cores: 64 s spinning, 17 s passive). Set OMP_WAIT_POLICY yourself to override.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = thread_environment(dict(os.environ, PYTHONUNBUFFERED="1"))
     rc = subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
     return rc, time.perf_counter() - start
 
