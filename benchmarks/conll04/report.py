@@ -429,7 +429,8 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
               "sparse deltas, or the whole fp32 model for full fine-tuning; a dynamic mask's checkpoint holds every "
               "entry that was ever in a mask, since entries that leave keep what they learned, so it grows with "
               "the number of refreshes). Train time: wall time of the training "
-              "loop on 2 shared CPU cores, FISH-DIP's Fisher refreshes included. Peak RSS: the run's process.", ""]
+              "loop on the run's CPU cores (2 here; the load averages are in each JSON), FISH-DIP's Fisher "
+              "refreshes included. Peak RSS: the run's process.", ""]
     sentences = comparisons(records)
     lines += ["## Where FISH-DIP wins and loses", ""]
     lines += [f"- {s}" for s in sentences] if sentences else ["- No FISH-DIP run has finished yet."]
