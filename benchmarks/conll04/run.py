@@ -541,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.grid:
         stages = [
-            ("python -m benchmarks.conll04.run --quick", dict(quick=True, select_lr=False, explore_fishdip=False, methods=list(QUICK["methods"]),
+            ("python -m benchmarks.conll04.run --quick", dict(quick=True, select_lr=False, explore_fishdip=False,
+                                                            methods=list(QUICK["methods"]),
                                                             fractions=list(QUICK["fractions"]), seeds=[0])),
             ("python -m benchmarks.conll04.run --select-lr", dict(quick=False, select_lr=True, methods=list(METHODS),
                                                                 fractions=list(FRACTIONS), seeds=[0])),
