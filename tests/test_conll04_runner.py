@@ -296,7 +296,7 @@ def test_fishdip_exploration_plan_and_report(tmp_path) -> None:
     variant = {**reference, "entity_f1": 45.0, "relation_f1": 12.5}
     variant["hyperparameters"] = {"method": {"density": 0.02, "update_every": 1, "num_regressing": 15}}
     (tmp_path / "dev_exploration" / "fishdip-density0.02.json").write_text(json.dumps(variant))
-    rows = [line for line in report.exploration_section(tmp_path, lr_file) if line.startswith("| 0.0")]
+    rows = [line for line in report.exploration_section(tmp_path) if line.startswith("| 0.0")]
     assert rows[0].startswith("| 0.01 | 1 | 15 | 40.0 | 10.0 |")
     assert rows[1].startswith("| 0.02 | 1 | 15 | 45.0 | 12.5 |")
 

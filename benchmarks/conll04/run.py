@@ -35,7 +35,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from benchmarks.io import write_json_atomic
 from benchmarks.conll04.training import (

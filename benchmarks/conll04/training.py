@@ -26,7 +26,6 @@ runs every earlier result again.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import random
@@ -45,7 +44,6 @@ import torch
 from benchmarks.conll04.data import Sentence, load_split, load_types, train_subset
 from benchmarks.conll04.metrics import evaluate
 from benchmarks.conll04.tanl import format_input, format_target, parse_output
-from benchmarks.io import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "default"
