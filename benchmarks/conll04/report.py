@@ -303,7 +303,9 @@ def lr_section(lr_file: Path) -> list[str]:
     lines = [f"Selected on dev ({setting.get('dev_sample', 'dev sample')}), training at "
              f"{100 * setting.get('train_fraction', 0.05):g}% of train, seed {setting.get('seed', 0)}, "
              f"{setting.get('steps', '?')} steps; criterion: {setting.get('criterion', '?')}. "
-             "The test set is never used for it.", "",
+             "The test set is never used for it. A grid whose best rate fell on one of its ends was extended past "
+             "it before the selection was final (the history is in the comment above `LR_GRID` in "
+             "`benchmarks/conll04/run.py`).", "",
              "| method | grid | dev (entity / relation F1) per rate | selected |", "| --- | --- | --- | --- |"]
     edges = []
     for method, entry in selection.get("methods", {}).items():
