@@ -236,7 +236,8 @@ def fixture_record(method: str, fraction: float, seed: int, entity: float, relat
     log = [{"step": s, "loss": 1.0 / s, "sample_ids": [0, 1], "per_sample_losses": [1.0 / s, 2.0 / s],
             "mask_changed": s % 2 == 1} for s in range(1, 5)]
     return {"method": method, "train_fraction": fraction, "seed": seed, "entity_f1": entity, "relation_f1": relation,
-            "model": "tiny", "steps": 4, "batch_size": 2, "learning_rate": 1e-3, "learning_rate_source": "default",
+            "model": "tiny", "steps": 4, "batch_size": 2, "train_sentences": 4, "learning_rate": 1e-3,
+            "learning_rate_source": "default",
             "train_seconds": 60.0, "eval_seconds": 30.0, "peak_memory_bytes": 2_000_000_000,
             "trainable_params": 1000, "total_params": 100_000, "checkpoint_bytes": 8_000,
             "eval_split": "test", "eval_sentences": 288, "final_train_loss": 0.25, "commit": "abc",
@@ -260,6 +261,7 @@ def test_report_mean_and_std_from_fixtures(tmp_path) -> None:
     assert "1 run(s) made with an earlier version" in text
     fish_row = next(line for line in text.splitlines() if line.startswith("| 5% | FISH-DIP |"))
     assert "| 3 | 52.0 ± 2.0 | 23.0 ± 3.0 |" in fish_row
+    assert fish_row.endswith("| 0.292 |")  # losses 1/s over 4 steps; 4 sentences, batch 2: mean of steps 3 and 4
     lora_row = next(line for line in text.splitlines() if line.startswith("| 5% | LoRA |"))
     assert "| 1 | 60.0 | 10.0 |" in lora_row
     assert "FISH-DIP loses to LoRA (entity F1 52.0 vs 60.0)" in text
