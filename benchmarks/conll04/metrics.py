@@ -9,6 +9,7 @@ from benchmarks.conll04.data import Entity, Relation, Sentence
 Prediction = tuple[Sequence[Entity], Sequence[Relation]]
 _EntityKey = tuple[int, int, str]
 _RelationKey = tuple[str, _EntityKey, _EntityKey]
+COUNT_KEYS = tuple(f"{kind}_{count}" for kind in ("entity", "relation") for count in ("gold", "predicted", "correct"))
 
 
 def _entity_key(entity: Entity) -> _EntityKey:
@@ -33,30 +34,36 @@ def prf(correct: int, predicted: int, gold: int) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-def evaluate(gold: Sequence[Sentence], predicted: Sequence[Prediction]) -> dict:
-    """Score predictions against gold sentences, micro-averaged over the corpus.
+def sentence_counts(gold: Sequence[Sentence], predicted: Sequence[Prediction]) -> list[dict[str, int]]:
+    """Per sentence: ``{entity,relation}_{gold,predicted,correct}`` counts (duplicates count once).
 
     An entity is correct when its span and type match; a relation is correct (strict) when its
-    type, head span and type, and tail span and type all match. Duplicates count once.
-    Returns ``{entity,relation}_{precision,recall,f1}`` in percent and the
-    ``{entity,relation}_{gold,predicted,correct}`` counts.
+    type, head span and type, and tail span and type all match.
     """
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold sentences but {len(predicted)} predictions")
-    counts = {f"{kind}_{count}": 0 for kind in ("entity", "relation") for count in ("gold", "predicted", "correct")}
+    rows = []
     for sentence, (entities, relations) in zip(gold, predicted):
-        gold_entities = {_entity_key(e) for e in sentence.entities}
-        predicted_entities = {_entity_key(e) for e in entities}
-        gold_relations = _relation_keys(sentence.entities, sentence.relations)
-        predicted_relations = _relation_keys(entities, relations)
+        row = {}
         for kind, gold_set, predicted_set in (
-            ("entity", gold_entities, predicted_entities),
-            ("relation", gold_relations, predicted_relations),
+            ("entity", {_entity_key(e) for e in sentence.entities}, {_entity_key(e) for e in entities}),
+            ("relation", _relation_keys(sentence.entities, sentence.relations), _relation_keys(entities, relations)),
         ):
-            counts[f"{kind}_gold"] += len(gold_set)
-            counts[f"{kind}_predicted"] += len(predicted_set)
-            counts[f"{kind}_correct"] += len(gold_set & predicted_set)
+            row[f"{kind}_gold"] = len(gold_set)
+            row[f"{kind}_predicted"] = len(predicted_set)
+            row[f"{kind}_correct"] = len(gold_set & predicted_set)
+        rows.append(row)
+    return rows
 
+
+def evaluate(gold: Sequence[Sentence], predicted: Sequence[Prediction]) -> dict:
+    """Score predictions against gold sentences, micro-averaged over the corpus (see `sentence_counts`).
+
+    Returns ``{entity,relation}_{precision,recall,f1}`` in percent and the
+    ``{entity,relation}_{gold,predicted,correct}`` counts.
+    """
+    rows = sentence_counts(gold, predicted)
+    counts = {key: sum(row[key] for row in rows) for key in COUNT_KEYS}
     result: dict = {}
     for kind in ("entity", "relation"):
         precision, recall, f1 = prf(counts[f"{kind}_correct"], counts[f"{kind}_predicted"], counts[f"{kind}_gold"])

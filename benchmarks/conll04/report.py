@@ -3,7 +3,9 @@
 Reads the run JSONs in ``benchmarks/results/conll04/`` and writes ``REPORT.md`` (mean ± sample
 standard deviation over seeds per method and fraction), ``figure2.png`` (entity and relation F1 per
 method and fraction, like the paper's Figure 2) and ``figure4.png`` (per-sample training losses of
-FISH-DIP and the fixed FISH mask at 1% of train, like the paper's Figure 4).
+FISH-DIP and the fixed FISH mask at 1% of train, like the paper's Figure 4). FISH-DIP's F1 gaps to
+the other methods come with paired bootstrap intervals over the test sentences, re-scored from each
+run's stored predictions (`significance.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.conll04.training import PROTOCOL, REPO_ROOT
+from benchmarks.conll04.data import load_types
+from benchmarks.conll04.significance import count_matrix, paired_bootstrap
+from benchmarks.conll04.training import PROTOCOL, REPO_ROOT, eval_sentences
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "conll04"
 LR_FILE = REPO_ROOT / "benchmarks" / "conll04" / "lr_selection.json"
@@ -195,6 +199,57 @@ def comparisons(records: list[dict]) -> list[str]:
     return sentences
 
 
+def fmt_gap(gap: float, low: float, high: float) -> str:
+    """`+1.2 [-0.5, +3.0]`, in bold when the interval excludes zero."""
+    text = f"{gap:+.1f} [{low:+.1f}, {high:+.1f}]"
+    return f"**{text}**" if low > 0 or high < 0 else text
+
+
+class SentenceCounts:
+    """Per-sentence count matrices of runs' stored predictions, parsed once per run."""
+
+    def __init__(self):
+        self._gold: dict[tuple[str, int | None], list] = {}
+        self._types = None
+
+    def __call__(self, record: dict):
+        if record.get("predictions") is None:
+            return None
+        key = (record.get("eval_split", "test"), record.get("eval_limit"))
+        if key not in self._gold:
+            self._gold[key] = eval_sentences(*key)
+            self._types = self._types or load_types()
+        if "_counts" not in record:
+            record["_counts"] = count_matrix(record, self._gold[key], self._types)
+        return record["_counts"]
+
+
+def significance_section(records: list[dict], counts: SentenceCounts) -> list[str]:
+    """FISH-DIP minus each other method, per fraction: F1 gap with a paired bootstrap 95% interval."""
+    runs = {(r["train_fraction"], r["method"], r["seed"]): r for r in records
+            if not r.get("eval_limit") and not r.get("eval_max_new_tokens") and counts(r) is not None}
+    lines = ["FISH-DIP's F1 minus each other method's on the same test sentences, mean over the seeds both have, "
+             "with a 95% paired bootstrap interval over the 288 test sentences (10,000 resamples; "
+             "`benchmarks/conll04/significance.py`). Bold: the interval excludes 0, so test-set sampling alone "
+             "does not explain the gap. The interval leaves out seed-to-seed variation (the ± above).", "",
+             "| train | FISH-DIP minus | seeds | entity F1 gap [95% CI] | relation F1 gap [95% CI] |",
+             "| --- | --- | --- | --- | --- |"]
+    fractions = sorted({f for f, m, _ in runs if m == "fishdip"})
+    for fraction in fractions:
+        others = sorted({m for f, m, _ in runs if f == fraction and m != "fishdip"}, key=method_key)
+        for method in others:
+            seeds = sorted(s for f, m, s in runs if f == fraction and m == method and (f, "fishdip", s) in runs)
+            if not seeds:
+                continue
+            gaps = paired_bootstrap([counts(runs[(fraction, "fishdip", s)]) for s in seeds],
+                                    [counts(runs[(fraction, method, s)]) for s in seeds])
+            lines.append(f"| {100 * fraction:g}% | {METHOD_LABELS.get(method, method)} | {len(seeds)} | "
+                         f"{fmt_gap(*gaps['entity'])} | {fmt_gap(*gaps['relation'])} |")
+    if len(lines) == 4:
+        return ["No FISH-DIP run and other run with stored test predictions share a fraction and seed yet."]
+    return lines
+
+
 # -- figures --------------------------------------------------------------------------------------------
 def figure2(records: list[dict], path: Path) -> Path | None:
     """Grouped bars: entity and relation F1 per fraction and method, error bars = std over seeds."""
@@ -335,25 +390,36 @@ def lr_section(lr_file: Path) -> list[str]:
     return lines
 
 
-def exploration_section(results_dir: Path) -> list[str]:
+def exploration_section(results_dir: Path, counts: SentenceCounts | None = None) -> list[str]:
     """FISH-DIP's density, m and n varied one at a time on dev (`run.py --explore-fishdip`)."""
     variants = [r for r in load_runs(results_dir / "dev_exploration") if is_current(r)]
     if not variants:
         return ["Not run yet (`python -m benchmarks.conll04.run --explore-fishdip`, after the rate selection)."]
+    counts = counts or SentenceCounts()
     lr = variants[0]["learning_rate"]
     reference = [r for r in load_runs(results_dir / "lr_selection")
                  if is_current(r) and r["method"] == "fishdip" and r["learning_rate"] == lr]
     r0 = variants[0]
     lines = [f"FISH-DIP at its selected rate {lr:g}, {100 * r0['train_fraction']:g}% of train, seed {r0['seed']}, "
              f"{r0['steps']} steps, scored on the {r0['eval_sentences']} dev sentences of the rate selection; one "
-             "setting changed at a time from the benchmark's (first row). The test set is never used.", "",
-             "| density | m (update_every) | n (num_regressing) | dev entity F1 | dev relation F1 | last-epoch loss | "
-             "checkpoint | train time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "setting changed at a time from the benchmark's (first row). The test set is never used. Gap: the "
+             "setting's F1 minus the first row's, with a 95% paired bootstrap interval over the dev sentences "
+             "(bold when it excludes 0).", "",
+             "| density | m (update_every) | n (num_regressing) | dev entity F1 | dev relation F1 | entity gap | "
+             "relation gap | last-epoch loss | checkpoint | train time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = counts(reference[0]) if reference else None
     for r in reference + sorted(variants, key=lambda r: r["_file"]):
         m = r["hyperparameters"]["method"]
+        mine = counts(r)
+        if base is None or mine is None or r is reference[0]:
+            gaps = ["", ""]
+        else:
+            result = paired_bootstrap([mine], [base])
+            gaps = [fmt_gap(*result[kind]) for kind in ("entity", "relation")]
         lines.append(f"| {m['density']:g} | {m['update_every']} | {m['num_regressing']} | {r['entity_f1']:.1f} | "
-                     f"{r['relation_f1']:.1f} | {last_epoch_loss(r):.3f} | {human_bytes(r['checkpoint_bytes'])} | "
-                     f"{r['train_seconds'] / 60:.1f} min |")
+                     f"{r['relation_f1']:.1f} | {gaps[0]} | {gaps[1]} | {last_epoch_loss(r):.3f} | "
+                     f"{human_bytes(r['checkpoint_bytes'])} | {r['train_seconds'] / 60:.1f} min |")
     return lines
 
 
@@ -452,6 +518,8 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     sentences = comparisons(records)
     lines += ["## Where FISH-DIP wins and loses", ""]
     lines += [f"- {s}" for s in sentences] if sentences else ["- No FISH-DIP run has finished yet."]
+    counts = SentenceCounts()
+    lines += ["", "### Is the gap beyond test-set noise?", ""] + significance_section(records, counts)
     lines += ["", "Paper (T5-large, 3 seeds) for reference, entity / relation F1: "
               + "; ".join(f"{METHOD_LABELS[m]} " + ", ".join(f"{100 * f:g}%: {e} / {r}" for f, (e, r) in v.items())
                           for m, v in PAPER.items())
@@ -471,7 +539,7 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     else:
         lines += ["Figure 4: needs FISH-DIP and fixed-mask runs.", ""]
     lines += ["## Learning rates", ""] + lr_section(lr_file) + [""]
-    lines += ["## FISH-DIP settings tried on dev", ""] + exploration_section(results_dir) + [""]
+    lines += ["## FISH-DIP settings tried on dev", ""] + exploration_section(results_dir, counts) + [""]
     lines += ["## Commands", ""]
     lines += [f"- {what}: `{cmd}`" for what, cmd in COMMANDS]
     recorded = sorted({r.get("command") for r in records if r.get("command")})
