@@ -31,7 +31,7 @@ from benchmarks.conll04.training import (
 REQUIRED_FIELDS = (
     "method", "train_fraction", "seed", "entity_f1", "relation_f1", "model", "steps", "learning_rate",
     "learning_rate_source", "train_seconds", "eval_seconds", "peak_memory_bytes", "trainable_params",
-    "checkpoint_bytes", "commit", "versions", "train_log", "hyperparameters", "predictions", "run_spec",
+    "checkpoint_bytes", "commit", "versions", "cpu", "train_log", "hyperparameters", "predictions", "run_spec",
 )
 SPECIAL = ["<pad>", "<unk>", "<eos>"]
 
@@ -204,6 +204,7 @@ def test_pipeline_writes_complete_json(pipeline, tiny_model_dir) -> None:
         assert 0.0 <= record["entity_f1"] <= 100.0 and 0.0 <= record["relation_f1"] <= 100.0
         assert record["trainable_params"] > 0 and record["checkpoint_bytes"] > 0 and record["peak_memory_bytes"] > 0
         assert record["versions"]["torch"] and record["versions"]["peft"]
+        assert record["cpu"].endswith(torch.backends.cpu.get_cpu_capability())
         log = record["train_log"]
         assert [e["step"] for e in log] == [1, 2]
         assert all(len(e["per_sample_losses"]) == 2 == len(e["sample_ids"]) for e in log)
@@ -253,6 +254,8 @@ def test_report_mean_and_std_from_fixtures(tmp_path) -> None:
         (tmp_path / run.result_name(method, fraction, seed)).write_text(
             json.dumps(fixture_record(method, fraction, seed, entity, relation)))
     (tmp_path / "not-a-run.json").write_text("[1, 2]")
+    lora = tmp_path / run.result_name("lora", 0.05, 0)
+    lora.write_text(json.dumps({**json.loads(lora.read_text()), "cpu": "Example CPU, AVX2"}))
     stale = {**fixture_record("full-ft", 0.05, 0, 99.0, 99.0), "protocol": PROTOCOL - 1}
     (tmp_path / run.result_name("full-ft", 0.05, 0)).write_text(json.dumps(stale))
     path = report.write_report(tmp_path, lr_file=tmp_path / "missing.json")
@@ -263,7 +266,8 @@ def test_report_mean_and_std_from_fixtures(tmp_path) -> None:
     assert "| 3 | 52.0 ± 2.0 | 23.0 ± 3.0 |" in fish_row
     assert fish_row.endswith("| 0.292 |")  # losses 1/s over 4 steps; 4 sentences, batch 2: mean of steps 3 and 4
     lora_row = next(line for line in text.splitlines() if line.startswith("| 5% | LoRA |"))
-    assert "| 1 | 60.0 | 10.0 |" in lora_row
+    assert "| 1 | 60.0 | 10.0 |" in lora_row and "| 1.0 min (A) |" in lora_row and "| 1.0 min (?) |" in fish_row
+    assert "- Processors: A = Example CPU, AVX2, 1 runs; ? = not recorded" in text
     assert "FISH-DIP loses to LoRA (entity F1 52.0 vs 60.0)" in text
     assert "FISH-DIP loses to FISH mask (fixed) (entity F1 30.0 vs 31.0)" in text
     assert "python -m benchmarks.conll04.run --quick" in text

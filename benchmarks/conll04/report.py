@@ -114,6 +114,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             "steps": sorted({r.get("steps") for r in runs}),
             "learning_rates": sorted({r.get("learning_rate") for r in runs}),
             "lr_sources": sorted({r.get("learning_rate_source", "?") for r in runs}),
+            "cpus": sorted({r.get("cpu") or "" for r in runs}),
             "last_epoch_loss": statistics.fmean(last_epoch_loss(r) for r in runs),
             "partial": any(r.get("eval_sentences", FULL_TEST_SENTENCES) < FULL_TEST_SENTENCES
                            or r.get("eval_split", "test") != "test" or r.get("eval_max_new_tokens")
@@ -121,6 +122,15 @@ def aggregate(records: list[dict]) -> list[dict]:
             "eval_sentences": min(r.get("eval_sentences", FULL_TEST_SENTENCES) for r in runs),
         })
     return rows
+
+
+def processor_labels(records: list[dict]) -> dict[str, str]:
+    """A short label per processor the runs recorded (A, B, ...); "?" for runs that predate the field."""
+    known = sorted({r["cpu"] for r in records if r.get("cpu")})
+    labels = {cpu: chr(ord("A") + i) for i, cpu in enumerate(known)}
+    if any(not r.get("cpu") for r in records):
+        labels[""] = "?"
+    return labels
 
 
 def last_epoch_loss(record: dict) -> float:
@@ -152,7 +162,9 @@ def summary_table(records: list[dict]) -> str:
     lines = ["| train | method | seeds | entity F1 | relation F1 | trainable | checkpoint | train time | "
              "peak RSS | lr | last-epoch loss |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    labels = processor_labels(records)
     for row in aggregate(records):
+        machines = f" ({', '.join(labels[c] for c in row['cpus'])})" if len(labels) > 1 else ""
         share = (f" ({100 * row['trainable_params'] / row['total_params']:.2f}%)"
                  if row["trainable_params"] and row["total_params"] else "")
         mark = " †" if row["partial"] else ""
@@ -160,7 +172,7 @@ def summary_table(records: list[dict]) -> str:
             f"| {100 * row['fraction']:g}% | {METHOD_LABELS.get(row['method'], row['method'])} | "
             f"{len(row['seeds'])} | {fmt_mean_std(row['entity'])}{mark} | {fmt_mean_std(row['relation'])}{mark} | "
             f"{human_count(row['trainable_params'])}{share} | {human_bytes(row['checkpoint_bytes'])} | "
-            f"{row['train_seconds'] / 60:.1f} min | {human_bytes(row['peak_memory_bytes'])} | "
+            f"{row['train_seconds'] / 60:.1f} min{machines} | {human_bytes(row['peak_memory_bytes'])} | "
             f"{', '.join(f'{lr:g}' for lr in row['learning_rates'])} | {row['last_epoch_loss']:.3f} |"
         )
     if len(lines) == 2:
@@ -457,6 +469,15 @@ def setting_lines(records: list[dict]) -> list[str]:
     lines.append(f"- Software: torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
                  f"peft {versions.get('peft')}, adapters {versions.get('adapters')}; commits "
                  + ", ".join(sorted({str(x.get('commit'))[:10] for x in records})) + ".")
+    labels = processor_labels(records)
+    counts = defaultdict(int)
+    for x in records:
+        counts[x.get("cpu") or ""] += 1
+    lines.append("- Processors: " + "; ".join(
+        f"{label} = " + (cpu or "not recorded (runs made before the runner recorded it)") + f", {counts[cpu]} runs"
+        for cpu, label in labels.items())
+        + ". Train times compare only between runs on the same processor"
+        + (" (the train time column names each row's)." if len(labels) > 1 else "."))
     return lines
 
 

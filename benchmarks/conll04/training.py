@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import platform
 import random
 import resource
 import subprocess
@@ -329,6 +330,28 @@ def score(sentences: list[Sentence], texts: list[str], types: dict) -> dict:
 
 
 # -- measurement helpers --------------------------------------------------------------------------------
+def cpu_description() -> str:
+    """The processor and the instruction set torch's kernels use, e.g. ``AMD EPYC (family 25, model 1), AVX2``.
+
+    Train and decode times are only comparable between runs on the same processor; its kernels also set
+    the float rounding, so the same run can end with slightly different numbers on another processor.
+    """
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 class PeakMemory:
     """Peak resident set size per phase (VmHWM, reset between phases through /proc/self/clear_refs)."""
 
@@ -513,6 +536,7 @@ def execute_run(spec: dict) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "load_average_start": [round(x, 2) for x in load_average_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "train_cpu_seconds": round(train_cpu, 3),
