@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.conll04 import report, run
+from benchmarks.conll04 import report, run, training
 from benchmarks.conll04.data import load_split, load_types
 from benchmarks.conll04.tanl import format_target
 from benchmarks.conll04.training import (
@@ -205,6 +205,7 @@ def test_pipeline_writes_complete_json(pipeline, tiny_model_dir) -> None:
         assert record["trainable_params"] > 0 and record["checkpoint_bytes"] > 0 and record["peak_memory_bytes"] > 0
         assert record["versions"]["torch"] and record["versions"]["peft"]
         assert record["cpu"].endswith(torch.backends.cpu.get_cpu_capability())
+        assert record["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
         log = record["train_log"]
         assert [e["step"] for e in log] == [1, 2]
         assert all(len(e["per_sample_losses"]) == 2 == len(e["sample_ids"]) for e in log)
@@ -305,6 +306,18 @@ def test_fishdip_exploration_plan_and_report(tmp_path) -> None:
     rows = [line for line in report.exploration_section(tmp_path) if line.startswith("| 0.0")]
     assert rows[0].startswith("| 0.01 | 1 | 15 | 40.0 | 10.0 |")
     assert rows[1].startswith("| 0.02 | 1 | 15 | 45.0 | 12.5 |")
+
+
+def test_device_choice_and_a_clear_error_without_cuda(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.resolve_device(None) == training.resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device.*--device cpu"):
+        training.resolve_device("cuda:1")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        run.main(["--device", "cuda", "--results-dir", str(tmp_path), "--methods", "lora"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_thread_environment_spins_only_on_idle_cores(monkeypatch) -> None:

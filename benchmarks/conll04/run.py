@@ -45,6 +45,7 @@ from benchmarks.conll04.training import (
     PROTOCOL,
     REPO_ROOT,
     default_steps,
+    resolve_device,
 )
 
 METHODS = ("full-ft", "lora", "ia3", "prefix-tuning", "houlsby", "compacter",
@@ -199,6 +200,7 @@ def base_spec(args, method: str, fraction: float, seed: int, steps: int) -> dict
         "batch_size": args.batch_size,
         "eval_batch_size": args.eval_batch_size,
         "dtype": args.dtype,
+        "device": args.device,
         "method_overrides": {},
         "protocol": PROTOCOL,
         "eval_max_new_tokens": args.max_new_tokens,
@@ -425,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (the first CUDA device if torch sees one, else the CPU), 'cpu', 'cuda' or "
+                             "'cuda:N'; recorded in each JSON, not part of a run's identity")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="smoke tests only: score a seeded sample of N test sentences (the report flags it)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -540,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     for given in (args.methods or []):
         if given not in METHODS:
             raise SystemExit(f"unknown method {given!r}; choose from {', '.join(METHODS)}")
+    try:
+        resolve_device(args.device)
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(str(error)) from None
     if args.results_dir is None:
         args.results_dir = default_results_dir(args.model)
     start = time.perf_counter()

@@ -90,6 +90,17 @@ def fishdip_schedule(steps: int) -> dict[str, int]:
 
 
 # -- model and tokenizer ----------------------------------------------------------------------------
+def resolve_device(name: str | None) -> torch.device:
+    """``None`` or ``"auto"``: the first CUDA device if there is one, else the CPU; otherwise `name` itself."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}); "
+                         "use --device cpu, or install a CUDA build of torch.")
+    return device
+
+
 def unwrapped(model):
     """The transformers model under a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -132,8 +143,9 @@ class Encoded:
 class TanlEncoder:
     """Turns sentences into token ids for training and prompts for decoding."""
 
-    def __init__(self, tokenizer, encoder_decoder: bool, types: dict):
+    def __init__(self, tokenizer, encoder_decoder: bool, types: dict, device: str | torch.device = "cpu"):
         self.tokenizer = tokenizer
+        self.device = torch.device(device)
         self.encoder_decoder = encoder_decoder
         self.types = types
         self.eos_id = tokenizer.eos_token_id
@@ -161,7 +173,7 @@ class TanlEncoder:
         return Encoded(prompt + target, [IGNORE_INDEX] * len(prompt) + target)
 
     def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
-        """Right-padded batch; padding is masked and labelled -100."""
+        """Right-padded batch on the encoder's device; padding is masked and labelled -100."""
         width = max(len(e.input_ids) for e in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -174,7 +186,8 @@ class TanlEncoder:
             ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
             mask[row, : len(e.input_ids)] = 1
             labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "labels": labels.to(self.device)}
 
 
 def max_new_tokens(sentence: Sentence) -> int:
@@ -313,7 +326,7 @@ def generate(model, encoder: TanlEncoder, sentences: list[Sentence], *, batch_si
             else:  # left padding, so every row continues from its last prompt token
                 ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
         out = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+            input_ids=ids.to(encoder.device), attention_mask=mask.to(encoder.device), do_sample=False, num_beams=1,
             max_new_tokens=max(budgets),
             eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id,
         )
@@ -457,10 +470,12 @@ def execute_run(spec: dict) -> dict:
     dtype = getattr(torch, spec.get("dtype", "float32"))
     types = load_types()
 
+    device = resolve_device(spec.get("device"))
     load_start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(spec["model"], dtype)
+    model.to(device)  # before the method adds its modules, so they are created on the same device
     total_params = sum(p.numel() for p in model.parameters())
-    encoder = TanlEncoder(tokenizer, is_encoder_decoder(model), types)
+    encoder = TanlEncoder(tokenizer, is_encoder_decoder(model), types, device)
     method = spec["method"]
     overrides = dict(spec.get("method_overrides") or {})
     fishdip = method in FISHDIP_METHODS
@@ -537,6 +552,9 @@ def execute_run(spec: dict) -> dict:
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_description(),
+        "device": str(device),
+        **({"gpu": torch.cuda.get_device_name(device), "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device)}
+           if device.type == "cuda" else {}),
         "load_average_start": [round(x, 2) for x in load_average_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "train_cpu_seconds": round(train_cpu, 3),
