@@ -241,7 +241,7 @@ def significance_section(records: list[dict], counts: SentenceCounts) -> list[st
     runs = {(r["train_fraction"], r["method"], r["seed"]): r for r in records
             if not r.get("eval_limit") and not r.get("eval_max_new_tokens") and counts(r) is not None}
     lines = ["FISH-DIP's F1 minus each other method's on the same test sentences, mean over the seeds both have, "
-             "with a 95% paired bootstrap interval over the 288 test sentences (10,000 resamples; "
+             f"with a 95% paired bootstrap interval over the {FULL_TEST_SENTENCES} test sentences (10,000 resamples; "
              "`benchmarks/conll04/significance.py`). Bold: the interval excludes 0, so test-set sampling alone "
              "does not explain the gap. The interval leaves out seed-to-seed variation (the ± above).", "",
              "| train | FISH-DIP minus | seeds | entity F1 gap [95% CI] | relation F1 gap [95% CI] |",
