@@ -91,6 +91,12 @@ def method_key(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def is_partial(record: dict) -> bool:
+    """A smoke run: scored on part of the test set, on another split, or with a shorter decoding budget."""
+    return bool(record.get("eval_sentences", FULL_TEST_SENTENCES) < FULL_TEST_SENTENCES
+                or record.get("eval_split", "test") != "test" or record.get("eval_max_new_tokens"))
+
+
 def aggregate(records: list[dict]) -> list[dict]:
     """One row per (fraction, method): scores over seeds and the run's costs."""
     groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
@@ -116,9 +122,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             "lr_sources": sorted({r.get("learning_rate_source", "?") for r in runs}),
             "cpus": sorted({r.get("cpu") or "" for r in runs}),
             "last_epoch_loss": statistics.fmean(last_epoch_loss(r) for r in runs),
-            "partial": any(r.get("eval_sentences", FULL_TEST_SENTENCES) < FULL_TEST_SENTENCES
-                           or r.get("eval_split", "test") != "test" or r.get("eval_max_new_tokens")
-                           for r in runs),
+            "partial": any(is_partial(r) for r in runs),
             "eval_sentences": min(r.get("eval_sentences", FULL_TEST_SENTENCES) for r in runs),
         })
     return rows
@@ -239,7 +243,7 @@ class SentenceCounts:
 def significance_section(records: list[dict], counts: SentenceCounts) -> list[str]:
     """FISH-DIP minus each other method, per fraction: F1 gap with a paired bootstrap 95% interval."""
     runs = {(r["train_fraction"], r["method"], r["seed"]): r for r in records
-            if not r.get("eval_limit") and not r.get("eval_max_new_tokens") and counts(r) is not None}
+            if not is_partial(r) and counts(r) is not None}
     lines = ["FISH-DIP's F1 minus each other method's on the same test sentences, mean over the seeds both have, "
              f"with a 95% paired bootstrap interval over the {FULL_TEST_SENTENCES} test sentences (10,000 resamples; "
              "`benchmarks/conll04/significance.py`). Bold: the interval excludes 0, so test-set sampling alone "
