@@ -205,3 +205,47 @@ def test_trainable_load_continues_training(tmp_path):
     batch = causal_batch(8)
     torch.testing.assert_close(logits(again, batch), logits(resumed, batch), atol=1e-5, rtol=0)
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["peft_type"] == "FISHDIP"
+
+
+@pytest.mark.parametrize(
+    "task_type, arch, wrapper",
+    [("CAUSAL_LM", "llama", "PeftModelForCausalLM"), ("SEQ_2_SEQ_LM", "t5", "PeftModelForSeq2SeqLM")],
+)
+def test_task_type_gives_peft_task_model_whose_generation_survives_a_round_trip(task_type, arch, wrapper, tmp_path):
+    factory, make_batch = FACTORIES[arch]
+    model = trained(factory, make_batch, task_type=task_type)
+    assert type(model).__name__ == wrapper
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(factory(), tmp_path)
+    assert type(loaded).__name__ == wrapper
+    batch = make_batch(5)
+    prompt = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(loaded.generate(**prompt, **settings), model.generate(**prompt, **settings))
+
+
+def test_sequence_classification_trains_the_head_through_the_mask(tmp_path):
+    # peft gives SEQ_CLS models a dense copy of the head only when the config has `modules_to_save`;
+    # FISH-DIP has none, so the head's entries compete in the Fisher ranking like every other weight.
+    base = tiny_bert_classifier()
+    head = base.classifier.weight.detach().clone()
+    model = get_peft_model(base, FishDipConfig(task_type="SEQ_CLS", density=0.05, num_regressing=2))
+    assert type(model).__name__ == "PeftModelForSequenceClassification"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "base_model.fishdip_state.fishdip_values.default"
+    ]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 64, (4, 8), generator=g), "labels": torch.tensor([0, 1, 2, 1])}
+    outputs = model(**batch)
+    model.step(torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none"), batch)
+    outputs.loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.base_model.model.classifier.weight, head)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        suffixes = {key.rsplit(".", 1)[1] for key in f.keys()}
+    assert suffixes == {"fishdip_deltas", "fishdip_indices", "fishdip_shape", "fishdip_fingerprint"}
+    loaded = PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
