@@ -175,22 +175,6 @@ def test_print_trainable_parameters_reports_k(capsys):
     assert f"trainable params: {k:,}" in capsys.readouterr().out
 
 
-def test_encoder_classifier_trains_and_round_trips(tmp_path):
-    model = get_peft_model(tiny_bert_classifier(), FishDipConfig(density=0.05, num_regressing=2))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1, 64, (4, 8), generator=g), "labels": torch.tensor([0, 1, 2, 1])}
-    outputs = model(**batch)
-    losses = torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
-    model.step(losses, batch)
-    outputs.loss.backward()
-    optimizer.step()
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
-
-
 def test_trainable_load_continues_training(tmp_path):
     model = trained(tiny_llama, causal_batch)
     model.save_pretrained(tmp_path)
@@ -224,7 +208,7 @@ def test_task_type_gives_peft_task_model_whose_generation_survives_a_round_trip(
     torch.testing.assert_close(loaded.generate(**prompt, **settings), model.generate(**prompt, **settings))
 
 
-def test_sequence_classification_trains_the_head_through_the_mask(tmp_path):
+def test_encoder_classifier_trains_its_head_through_the_mask_and_round_trips(tmp_path):
     # peft gives SEQ_CLS models a dense copy of the head only when the config has `modules_to_save`;
     # FISH-DIP has none, so the head's entries compete in the Fisher ranking like every other weight.
     base = tiny_bert_classifier()
