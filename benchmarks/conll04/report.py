@@ -202,8 +202,9 @@ def comparisons(records: list[dict]) -> list[str]:
                 continue
             oe, orel = statistics.fmean(row["entity"]), statistics.fmean(row["relation"])
             label = METHOD_LABELS.get(method, method)
+            # Compared at the precision shown: "2.1 vs 2.1" is not a loss.
             lost = [f"{kind} F1 {mine:.1f} vs {theirs:.1f}" for kind, mine, theirs in
-                    (("entity", e, oe), ("relation", r, orel)) if mine < theirs]
+                    (("entity", e, oe), ("relation", r, orel)) if round(mine, 1) < round(theirs, 1)]
             (losses if lost else wins).append(f"{label} ({'; '.join(lost)})" if lost else label)
         head = f"At {100 * fraction:g}% of train"
         if losses:
