@@ -129,6 +129,44 @@ def test_ranked_tail_reference():
         assert triples(entities, relations) == {("OrgBased_In", ballet, tail)}
 
 
+
+def test_tail_resolving_to_its_head_is_kept():
+    text = "[ John Smith | people | work for = John Smith ] works for [ Acme Corp | organization ] in Boston ."
+    entities, relations = parse(text)
+    assert entities == [JOHN, ACME]
+    assert relations == [Relation("Work_For", 0, 0)]
+    scores = evaluate([SENTENCE], [(entities, relations)])
+    assert (scores["relation_predicted"], scores["relation_correct"]) == (1, 0)
+
+
+def test_head_counts_among_same_word_candidates():
+    tokens = "Moscow police said Moscow was calm".split()
+    moscow1, moscow2 = Entity(0, 1, "Loc"), Entity(3, 4, "Loc")
+    text = "[ Moscow | location | located in = Moscow{} ] police said [ Moscow | location ] was calm"
+    for suffix, tail in (("", moscow1), (" # 1", moscow1), (" # 2", moscow2), (" # 3", moscow1)):
+        entities, relations = parse(text.format(suffix), tokens)
+        assert entities == [moscow1, moscow2]
+        assert triples(entities, relations) == {("Located_In", moscow1, tail)}
+
+
+def test_tail_resolves_by_generated_names_only():
+    # The second entity aligns to the input's "Acme Corp" but is written "ACME Corp": the tail
+    # "Acme Corp" names no generated entity, however the span's input words read.
+    text = "[ John Smith | people | work for = Acme Corp ] works for [ ACME Corp | organization ] in Boston ."
+    entities, relations = parse(text)
+    assert entities == [JOHN, ACME] and relations == []
+    text = (
+        "[ John Smith | people | work for = Acme Corporation ] works for "
+        "[ Acme Corporation | organization ] in Boston ."
+    )
+    entities, relations = parse(text)
+    assert entities == [JOHN, ACME]
+    assert triples(entities, relations) == {("Work_For", JOHN, ACME)}
+    text = "[ John Smith | people | live in = Boston ] works for Acme Corp in [ Boston , | location ] ."
+    entities, relations = parse(text)
+    assert entities == [JOHN, BOSTON] and relations == []
+
+
 def test_empty_and_plain_generations():
     assert parse("") == ([], [])
     assert parse("   ") == ([], [])
@@ -174,7 +212,7 @@ def test_unknown_relations_and_missing_tails():
     )
     entities, relations = parse(text)
     assert entities == [JOHN, ACME, BOSTON]
-    assert triples(entities, relations) == {("Live_In", JOHN, BOSTON)}
+    assert triples(entities, relations) == {("Live_In", JOHN, BOSTON), ("OrgBased_In", ACME, ACME)}
 
 
 def test_relations_to_dropped_entities_are_dropped():

@@ -7,17 +7,34 @@ The target is the input sentence in which each entity is written in place as
     of the [ Arms Control and Disarmament Agency | organization ] ...
 
 Type and relation names are the lowercased ``verbose`` names of ``types.json``; a relation is
-written in its head entity, tails ordered by position. As in TANL, a tail is named by its words
-and the parser resolves it to a predicted entity with exactly those words (the entity's generated
-words or the input tokens of its span).
+written in its head entity, tails ordered by position.
 
-Tail disambiguation: when several entities other than the head share the tail's words (e.g. a
-sentence that mentions "Sao Paulo" three times), the plain reference means the one nearest to
-the head (distance between start tokens, ties to the earlier). When the gold tail is not that
-one, the target adds its 1-based rank among those same-word entities in sentence order:
-``organization based in = Sao Paulo # 1``. Plain TANL cannot round-trip these references; with
-the suffix every gold target of train, dev and test parses back to exactly its gold entities and
-relations. The suffix is needed 18 times in train, 9 in dev and 12 in test.
+Relations are read with TANL's definitions (``JointEROutputFormat.run_inference`` in Paolini et
+al.'s code), stricter than matching the input ("tanl-strict", `SCORING`):
+
+- A tail is named by its words and resolves to a returned entity whose *generated* name (the words
+  written inside its brackets, exactly, case included) is those words. The input words under the
+  span an entity aligned to are never used: a model that writes ``[ ACME Corp | organization ]`` for
+  the input's "Acme Corp" cannot then refer to it as ``= Acme Corp``.
+- The head is a candidate like any other entity. A relation whose tail resolves to its own head is
+  kept as a prediction (no gold relation has that form, so it scores as a false positive).
+
+Tail disambiguation: the candidates of a tail are the returned entities named by its words, the
+head included, in sentence order. A plain reference means the candidate nearest to the head
+(distance between start tokens, ties to the earlier), so it means the head itself whenever the head
+has those words (distance 0). Where the gold tail is not the nearest candidate (e.g. a sentence that
+mentions "Sao Paulo" three times), the target adds its 1-based rank among the candidates:
+``organization based in = Sao Paulo # 1``; a rank outside 1..candidates falls back to the nearest.
+TANL sorts candidates by the gap between spans rather than by start tokens and cannot round-trip
+these references; with the suffix every gold target of train, dev and test parses back to exactly its
+gold entities and relations. No gold relation has a tail with its head's words, so counting the head
+among the candidates changes no gold target: the suffix is needed 18 times in train, 9 in dev and 12
+in test.
+
+A model's text may be decoded with the tokenizer's clean-up of spaces (``"] ,"`` becomes ``"],"``,
+``"U.S. 's"`` becomes ``"U.S.'s"``): brackets, bars and ``=`` are split from the words around them,
+and the clean-up rewrites an entity's name and a tail reference to it alike, so tails resolve the
+same either way.
 """
 
 from __future__ import annotations
@@ -33,6 +50,9 @@ MATCH_SCORE = 2.0
 CASE_MATCH_SCORE = 1.0
 MISMATCH_SCORE = -1.0
 GAP_SCORE = -1.0
+
+SCORING = "tanl-strict-1"
+"""Names the parsing and scoring rules above; a run scored under other rules records another name."""
 
 _PIECE = re.compile(r"[\[\]|=]|[^\s\[\]|=]+")
 _ATTACHED_RANK = re.compile(r"#(\d+)")
@@ -63,8 +83,9 @@ def format_input(sentence: Sentence) -> str:
     return " ".join(sentence.tokens)
 
 
-def _tail_candidates(names: Sequence[Iterable[Words]], starts: Sequence[int], head: int, words: Words) -> list[int]:
-    matches = [i for i, entity_names in enumerate(names) if i != head and words in entity_names]
+def _tail_candidates(names: Sequence[Iterable[Words]], starts: Sequence[int], words: Words) -> list[int]:
+    """The entities named by `words` (the head included), in sentence order."""
+    matches = [i for i, entity_names in enumerate(names) if words in entity_names]
     return sorted(matches, key=lambda i: (starts[i], i))
 
 
@@ -76,7 +97,7 @@ def _tail_reference(sentence: Sentence, relation: Relation) -> str:
     words = [tuple(sentence.tokens[e.start : e.end]) for e in sentence.entities]
     starts = [e.start for e in sentence.entities]
     tail_words = words[relation.tail]
-    candidates = _tail_candidates([{w} for w in words], starts, relation.head, tail_words)
+    candidates = _tail_candidates([{w} for w in words], starts, tail_words)
     text = " ".join(tail_words)
     if _nearest(candidates, starts, relation.head) == relation.tail:
         return text
@@ -201,9 +222,15 @@ def parse_output(generated: str, input_tokens: Sequence[str], types: dict) -> tu
     :func:`align`; an entity spans the input tokens its words align to and is dropped when
     none align, when its type is missing or unknown, or when it repeats an earlier entity.
     A text ``[`` inside an open entity closes it; a missing ``]`` is implied at the next
-    ``[`` or at the end of the text. A relation is kept when its name is known and its tail
-    resolves to another returned entity (see the module docstring); relations refer to the
-    returned entity list, without duplicates.
+    ``[`` or at the end of the text.
+
+    A relation is kept when its name is known and its tail words are the generated name of a
+    returned entity (every bracket that produced the entity adds its name; the input words of the
+    span do not count). Among several such entities, the head included, a ``# k`` suffix picks
+    the k-th in sentence order and a plain reference the one whose start is nearest to the head's,
+    which is the head itself when the head has those words: such a relation is kept, with
+    ``head == tail`` (see the module docstring). Relations refer to the returned entity list,
+    without duplicates.
     """
     entity_names, relation_names = natural_names(types)
     entity_by_name = {name: key for key, name in entity_names.items()}
@@ -225,7 +252,8 @@ def parse_output(generated: str, input_tokens: Sequence[str], types: dict) -> tu
         if entity not in index_of:
             index_of[entity] = len(entities)
             entities.append(entity)
-            names.append({tuple(raw.words), tuple(input_tokens[entity.start : entity.end])})
+            names.append(set())
+        names[index_of[entity]].add(tuple(raw.words))
         raw_index.append(index_of[entity])
 
     starts = [e.start for e in entities]
@@ -241,7 +269,7 @@ def parse_output(generated: str, input_tokens: Sequence[str], types: dict) -> tu
             tail_words, rank = _split_rank([p for p in tag[split + 1 :] if p != "="])
             if relation_type is None or not tail_words:
                 continue
-            candidates = _tail_candidates(names, starts, head, tail_words)
+            candidates = _tail_candidates(names, starts, tail_words)
             if not candidates:
                 continue
             if rank is not None and 1 <= rank <= len(candidates):
