@@ -61,3 +61,26 @@ def forward_with_per_sample_losses(model, batch: Mapping[str, Any], ignore_index
     losses, counted = token_losses(outputs.logits, labels, causal=causal, ignore_index=ignore_index)
     outputs.loss = losses.sum() / counted.sum().clamp(min=1)
     return outputs, losses.sum(1) / counted.sum(1).clamp(min=1)
+
+
+def per_sample_losses_from_outputs(model, outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample losses (1-D, detached) from a model's outputs and the batch's labels.
+
+    Language models (logits `(batch, length, vocab)`): mean cross-entropy over each sample's target
+    tokens (labels other than -100), shifted for causal models. Sequence classification (logits
+    `(batch, classes)`): cross-entropy, or squared error for one-output regression.
+    """
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
+    logits, labels = logits.detach(), labels.to(logits.device)
+    if logits.dim() == 3:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal = not getattr(base.config, "is_encoder_decoder", False)
+        return per_sample_losses(logits, labels, causal=causal, ignore_index=IGNORE_INDEX)
+    if logits.dim() == 2 and labels.dim() == 1:
+        if logits.shape[1] == 1 and labels.is_floating_point():
+            return (logits[:, 0].float() - labels.float()) ** 2
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    raise ValueError(
+        f"cannot derive per-sample losses from logits {tuple(logits.shape)} and labels {tuple(labels.shape)}; "
+        "override FishDipTrainer.per_sample_losses for this model."
+    )

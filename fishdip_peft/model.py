@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import warnings
 import weakref
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -16,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import checkpoint, distributed
 from .config import FishDipConfig
 from .fisher import empirical_fisher, trim_right_padding
+from .losses import per_sample_losses_from_outputs
 from .pool import RegressingPool, batch_size_of
 from .selection import global_topk_indices
 from .sparse import GradientTap, SparseTrainingState
@@ -86,6 +87,7 @@ class FishDipModel(BaseTuner):
         self._adapters_disabled_stash = None
         self._computing_fisher = False
         self._warned_no_mask = False
+        self._rescoring = None
         self._hooks = self._register_hooks(model)
         self.targeted_parameter_names = [name for name, _ in named]
 
@@ -234,12 +236,56 @@ class FishDipModel(BaseTuner):
             pooled_batch = batch if rows is None else _select_rows(batch, rows, size)
             self._pool.offer(losses.detach()[keep], pooled_batch)
 
+    def set_rescoring(
+        self,
+        batches: Union[Iterable[Mapping[str, Any]], Callable[[], Iterable[Mapping[str, Any]]], None],
+        losses_fn: Optional[Callable[[nn.Module, Any, Mapping[str, Any]], torch.Tensor]] = None,
+    ) -> None:
+        """Rank samples by re-scoring the training set at every refresh and for the first mask, as the
+        authors' code does, instead of by the losses seen in training batches.
+
+        `batches` is a re-iterable of training batches (e.g. a DataLoader without shuffling; with
+        several processes, each process's own shard) or a callable returning one; `None` turns
+        re-scoring off. `losses_fn(model, outputs, batch)` gives one loss per sample (default: the
+        language-model or classification losses of `per_sample_losses_from_outputs`).
+        """
+        self._rescoring = None if batches is None else (batches, losses_fn or _default_losses)
+
+    @torch.no_grad()
+    def rescore(
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        losses_fn: Optional[Callable[[nn.Module, Any, Mapping[str, Any]], torch.Tensor]] = None,
+    ) -> int:
+        """Empty the pool and refill it with the samples of `batches`, scored with the current weights
+        (eval mode, no gradient). Returns the number of samples scored."""
+        losses_fn = losses_fn or _default_losses
+        self._pool.clear()
+        training = [(m, m.training) for m in self.model.modules()]
+        scored = 0
+        try:
+            self.model.eval()
+            for batch in batches:
+                batch = distributed.to_device(dict(batch), self.fishdip_state.values.device)
+                if "labels" not in batch:
+                    raise ValueError("re-scoring needs `labels` in every batch of the training set.")
+                losses = losses_fn(self.model, self.model(**batch), batch)
+                self.offer(losses, batch)
+                scored += losses.numel()
+        finally:
+            for module, was_training in training:
+                module.training = was_training
+        return scored
+
     def refresh_mask(self) -> bool:
-        """Recompute the mask from the pooled samples now and empty the pool.
+        """Recompute the mask from the pooled samples now and empty the pool (re-scoring the training
+        set first if `set_rescoring` was given one).
 
         With several processes (torch.distributed initialized), every process must call it: the
         Fisher is that of the top-n samples of all processes' pools and every process gets the same mask.
         """
+        if self._rescoring is not None:
+            self.rescore(self._rescoring[0]() if callable(self._rescoring[0]) else self._rescoring[0], self._rescoring[1])
         state = self.fishdip_state
         params = [slot.param for slot in state.slots]
         if distributed.is_multi_process():
@@ -421,6 +467,10 @@ def _base_values_at(slot, positions: torch.Tensor) -> torch.Tensor:
         hit = slot.touched[found] == positions
         values[hit] = slot.base[found[hit]]
     return values
+
+
+def _default_losses(model: nn.Module, outputs, batch: Mapping[str, Any]) -> torch.Tensor:
+    return per_sample_losses_from_outputs(model, outputs, batch["labels"])
 
 
 def _select_rows(batch: Mapping[str, Any], rows: torch.Tensor, size: int) -> dict[str, Any]:
