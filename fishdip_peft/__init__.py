@@ -1,5 +1,6 @@
 """FISH-DIP: sample-aware dynamic sparse fine-tuning as a Hugging Face PEFT method."""
 
+from .adafactor import SparseAdafactor
 from .config import FishDipConfig
 from .distributed import prepare_with_accelerator, register_optimizer, sync_gradients
 from .losses import forward_with_per_sample_losses, per_sample_losses
@@ -29,6 +30,7 @@ __all__ = [
     "FISHDIP_PEFT_TYPE",
     "FishDipConfig",
     "FishDipModel",
+    "SparseAdafactor",
     "forward_with_per_sample_losses",
     "per_sample_losses",
     "prepare_with_accelerator",

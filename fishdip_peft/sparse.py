@@ -220,7 +220,7 @@ class SparseTrainingState(nn.Module, BaseTunerLayer):
             self.values.grad = self._remap(self.values.grad, source, stays)
         for ref in self.optimizers:
             optimizer = ref()
-            if optimizer is None:
+            if optimizer is None or not getattr(optimizer, "fishdip_state_is_per_entry", True):
                 continue
             state = optimizer.state.get(self.values, {})
             for key, tensor in state.items():
