@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer
@@ -22,6 +22,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import distributed
+from .adafactor import SparseAdafactor
 from .atomic import atomic_write
 from .distributed import fishdip_tuner
 from .losses import per_sample_losses_from_outputs
@@ -30,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 STATE_NAME = "fishdip_state.pt"
 STATE_FORMAT = 1
+# Re-scoring the training set at a refresh costs about N forward passes; the m steps between refreshes
+# cost about 3 (forward + backward) x m x samples-per-step. "auto" re-scores when that is at most 10%.
+RESCORE_MAX_SHARE = 0.1
+ADAFACTOR_OPTIM_ARGS = {"scale_parameter": bool, "relative_step": bool, "warmup_init": bool,
+                        "clip_threshold": float, "decay_rate": float}
 
 
 # -- checkpoint state --------------------------------------------------------------------------------
@@ -66,13 +72,45 @@ def load_training_state(model, directory: str) -> None:
     tuner.load_training_state_dict(state)
 
 
+def _parse_adafactor_args(optim_args: Optional[str]) -> dict[str, Any]:
+    parsed = {}
+    for item in (optim_args or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key not in ADAFACTOR_OPTIM_ARGS or not value:
+            raise ValueError(
+                f"optim_args item {item!r} is not understood for optim='adafactor'; use KEY=VALUE with KEY in "
+                f"{sorted(ADAFACTOR_OPTIM_ARGS)}, e.g. optim_args='scale_parameter=True'."
+            )
+        if ADAFACTOR_OPTIM_ARGS[key] is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"optim_args {key} must be True or False, got {value!r}.")
+            parsed[key] = value.lower() == "true"
+        else:
+            parsed[key] = float(value)
+    return parsed
+
+
 # -- the Trainer -------------------------------------------------------------------------------------
 class FishDipTrainerMixin:
-    """What `FishDipTrainer` adds to a `transformers.Trainer` (see the module docstring)."""
+    """What `FishDipTrainer` adds to a `transformers.Trainer` (see the module docstring).
 
-    def __init__(self, *args, **kwargs):
+    Args:
+        rescore: How the Fisher samples are chosen. True: at the first mask and at every refresh, score
+            every training sample with the current weights (no gradient) and take the `num_regressing`
+            highest losses, as the FISH-DIP authors do. False: the highest latest losses seen in training
+            batches since the last refresh. "auto" (default): True when the training set has a length and
+            re-scoring it costs at most 10% of the `update_every` steps between refreshes, i.e.
+            N <= 0.3 x update_every x samples per optimizer step.
+    """
+
+    def __init__(self, *args, rescore: Union[bool, str] = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         fishdip_tuner(self.model)
+        if rescore not in (True, False, "auto"):
+            raise ValueError(f"rescore must be True, False or 'auto', got {rescore!r}.")
+        self.fishdip_rescore = rescore
         if self.args.n_gpu > 1:
             raise ValueError(
                 "FISH-DIP does not run under torch.nn.DataParallel (one process, several GPUs): launch one "
@@ -97,13 +135,53 @@ class FishDipTrainerMixin:
         distributed.check_accelerator(self.accelerator)
         distributed.keep_fishdip_models_unwrapped(self.accelerator)
 
+    def create_optimizer(self):
+        """`optim="adafactor"` trains with `SparseAdafactor` (transformers' Adafactor per weight tensor,
+        with the arguments `Trainer` gives Adafactor: `scale_parameter=False, relative_step=False`);
+        `optim_args` may override them, e.g. "scale_parameter=True" for the FISH-DIP authors' setting."""
+        if self.optimizer is None and self.args.optim == "adafactor":
+            kwargs = {"scale_parameter": False, "relative_step": False, **_parse_adafactor_args(self.args.optim_args)}
+            lr = None if kwargs["relative_step"] else self.args.learning_rate
+            self.optimizer = SparseAdafactor(self.model, lr=lr, weight_decay=self.args.weight_decay, **kwargs)
+            return self.optimizer
+        return super().create_optimizer()
+
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         super().create_optimizer_and_scheduler(num_training_steps)
         distributed.register_optimizer(self.model, self.optimizer)
 
     def train(self, *args, **kwargs):
         self._fishdip_counted_step = None
+        if self._fishdip_rescoring_on():
+            self.fishdip_model.set_rescoring(
+                self._fishdip_rescoring_batches, lambda model, outputs, batch: self.per_sample_losses(model, outputs, batch)
+            )
+        else:
+            self.fishdip_model.set_rescoring(None)
         return super().train(*args, **kwargs)
+
+    # -- re-scoring ----------------------------------------------------------------------------------
+    def _fishdip_rescoring_on(self) -> bool:
+        sized = self.train_dataset is not None and hasattr(self.train_dataset, "__len__")
+        if self.fishdip_rescore is True:
+            if not sized:
+                raise ValueError("rescore=True needs a training set with a length (not an IterableDataset).")
+            return True
+        if self.fishdip_rescore is False or not sized:
+            return False
+        config = self.fishdip_model.peft_config[self.fishdip_model.active_adapter]
+        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return len(self.train_dataset) <= RESCORE_MAX_SHARE * 3 * config.update_every * per_step
+
+    def _fishdip_rescoring_batches(self):
+        """The training set in order, in evaluation batches, each process its own shard."""
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="FISH-DIP re-scoring",
+            batch_size=self.args.eval_batch_size,
+            sampler_fn=self._get_eval_sampler,
+            dataloader_key="fishdip_rescoring",
+        )
 
     # -- the step ------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
