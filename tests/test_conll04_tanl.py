@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.conll04.data import DEFAULT_DATA_DIR, Entity, Relation, Sentence, load_split, load_types, train_subset
 from benchmarks.conll04.metrics import evaluate
-from benchmarks.conll04.tanl import align, format_input, format_target, natural_names, parse_output
+from benchmarks.conll04.tanl import align, align_spans, format_input, format_target, natural_names, parse_output
 
 TYPES = load_types()
 SPLIT_SIZES = {"train": 922, "dev": 231, "test": 288}
@@ -110,6 +110,18 @@ def test_gold_round_trip(split):
     assert scores["relation_f1"] == 100.0
     ranked = sum(format_target(s, TYPES).count(" # ") for s in sentences)
     assert ranked == RANKED_REFERENCES[name]
+
+
+def test_cleaned_up_gold_round_trip(split):
+    """Text decoded with the tokenizer's clean-up of spaces ("Washington, D.C.", "U.S.'s") scores as spaced text."""
+    clean_up = pytest.importorskip("transformers").PreTrainedTokenizerBase.clean_up_tokenization
+    _, sentences = split
+    targets = [clean_up(format_target(s, TYPES)) for s in sentences]
+    assert sum(" " + word not in target for s, target in zip(sentences, targets) for word in s.tokens[1:]) > 100
+    predictions = [parse(target, s.tokens) for s, target in zip(sentences, targets)]
+    scores = evaluate(sentences, predictions)
+    assert scores["entity_f1"] == 100.0
+    assert scores["relation_f1"] == 100.0
 
 
 def test_ranked_tail_reference():
@@ -298,3 +310,17 @@ def test_align():
     assert align(["a", "z", "c"], ["a", "b", "c"]) == [0, 1, 2]
     assert align([], ["a"]) == []
     assert align(["a"], []) == [None]
+
+
+def test_align_spans_fused_words():
+    target = "near Washington , D.C. , the U.S. 's capital".split()
+    source = "near Washington, D.C., the U.S.'s capital".split()
+    assert align_spans(source, target) == [(0, 1), (1, 3), (3, 5), (5, 6), (6, 8), (8, 9)]
+    assert align(source, target) == [0, 1, 3, 5, 6, 8]
+    assert align_spans(["Don't", "go"], ["Do", "n't", "go"]) == [(0, 2), (2, 3)]
+    assert align_spans(["O'Neill"], ["O", "'", "Neill"]) == [(0, 3)]
+    # Only the spaces the clean-up removes: a model that drops another space gets no fused match.
+    spans = align_spans(["MiddleEast", "talks"], ["Middle", "East", "talks"])
+    assert all(span is None or span[1] - span[0] == 1 for span in spans) and spans[1] == (2, 3)
+    entities, _ = parse("[ Washington, D.C. | location ] is far", "Washington , D.C. is far".split())
+    assert entities == [Entity(0, 3, "Loc")]

@@ -31,10 +31,14 @@ gold entities and relations. No gold relation has a tail with its head's words, 
 among the candidates changes no gold target: the suffix is needed 18 times in train, 9 in dev and 12
 in test.
 
-A model's text may be decoded with the tokenizer's clean-up of spaces (``"] ,"`` becomes ``"],"``,
-``"U.S. 's"`` becomes ``"U.S.'s"``): brackets, bars and ``=`` are split from the words around them,
-and the clean-up rewrites an entity's name and a tail reference to it alike, so tails resolve the
-same either way.
+A model's text may be decoded with the tokenizer's clean-up of spaces, which removes the space
+before ``.``, ``,``, ``?``, ``!``, ``n't`` and ``'s``-like words (``"] ,"`` becomes ``"],"``,
+``"Washington , D.C."`` becomes ``"Washington, D.C."``, ``"U.S. 's"`` becomes ``"U.S.'s"``). Such text
+parses as the spaced text does: brackets, bars and ``=`` are split from the words around them, the
+alignment matches a fused word to the input words it joins (`align_spans`), and the clean-up
+rewrites an entity's name and a tail reference to it alike. Gold targets put through the clean-up
+still round-trip to 100 F1; without the fused matches, "Washington, D.C." and "$1,600" lost their
+spans and the cleaned targets of each split scored about 97 entity and 95 relation F1.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ MATCH_SCORE = 2.0
 CASE_MATCH_SCORE = 1.0
 MISMATCH_SCORE = -1.0
 GAP_SCORE = -1.0
+MAX_FUSED_WORDS = 8
+CLEANED_UP_PREFIXES = frozenset(".?!,'")
 
 SCORING = "tanl-strict-1"
 """Names the parsing and scoring rules above; a run scored under other rules records another name."""
@@ -172,39 +178,92 @@ def _similarity(a: str, b: str) -> float:
     return MISMATCH_SCORE
 
 
-def align(source: Sequence[str], target: Sequence[str]) -> list[int | None]:
+def _fusable(left: str, right: str) -> bool:
+    """Whether the tokenizer's clean-up of spaces removes the space between these two words.
+
+    The clean-up (``PreTrainedTokenizerBase.clean_up_tokenization`` in transformers) removes the
+    space before ``.``, ``?``, ``!``, ``,``, ``n't``, ``'s``, ``'m``, ``'ve`` and ``'re`` and both spaces
+    around a lone ``'``; any word that starts with ``'`` is accepted here.
+    """
+    return right[:1] in CLEANED_UP_PREFIXES or right.startswith("n't") or left == "'"
+
+
+def _fusions(source: Sequence[str], target: Sequence[str]) -> dict[tuple[int, int], list[tuple[int, float]]]:
+    """Where a source word is two or more consecutive target words that the clean-up of spaces fused.
+
+    Returns ``{(i, end): [(start, score), ...]}`` for each ``source[i] == "".join(target[start:end])``
+    (or equal up to case), scored as ``end - start`` matches (or case matches).
+    """
+    fusions: dict[tuple[int, int], list[tuple[int, float]]] = defaultdict(list)
+    lowered = [word.lower() for word in target]
+    for i, word in enumerate(source):
+        low = word.lower()
+        for start in range(len(target)):
+            if not lowered[start] or len(lowered[start]) >= len(low) or not low.startswith(lowered[start]):
+                continue
+            joined = lowered[start]
+            for end in range(start + 2, min(len(target), start + MAX_FUSED_WORDS) + 1):
+                if not _fusable(target[end - 2], target[end - 1]):
+                    break
+                joined += lowered[end - 1]
+                if not low.startswith(joined):
+                    break
+                if len(joined) == len(low):
+                    exact = word == "".join(target[start:end])
+                    fusions[(i, end)].append((start, (end - start) * (MATCH_SCORE if exact else CASE_MATCH_SCORE)))
+                    break
+    return fusions
+
+
+def align_spans(source: Sequence[str], target: Sequence[str]) -> list[tuple[int, int] | None]:
     """Needleman-Wunsch global alignment of two word sequences.
 
-    Returns, for each source position, the target position it is aligned to (a match or a
-    substitution), or ``None`` when the source word is aligned to a gap.
+    Returns, for each source position, the span ``(start, end)`` of target positions it is aligned
+    to, or ``None`` when the source word is aligned to a gap. A source word matches or substitutes
+    one target word, or matches two or more consecutive target words that it writes without the
+    spaces a tokenizer's clean-up of spaces removes (``"Washington,"`` for ``"Washington" ","``,
+    ``"U.S.'s"`` for ``"U.S." "'s"``; see `_fusable`), scored as that many matches.
     """
     if list(source) == list(target):
-        return list(range(len(source)))
+        return [(j, j + 1) for j in range(len(source))]
     n, m = len(source), len(target)
+    fusions = _fusions(source, target)
     score = [[j * GAP_SCORE for j in range(m + 1)]]
     for i in range(1, n + 1):
         previous, row, word = score[i - 1], [i * GAP_SCORE], source[i - 1]
         for j in range(1, m + 1):
-            row.append(
-                max(
-                    previous[j - 1] + _similarity(word, target[j - 1]),
-                    previous[j] + GAP_SCORE,
-                    row[j - 1] + GAP_SCORE,
-                )
+            best = max(
+                previous[j - 1] + _similarity(word, target[j - 1]),
+                previous[j] + GAP_SCORE,
+                row[j - 1] + GAP_SCORE,
             )
+            for start, gain in fusions.get((i - 1, j), ()):
+                best = max(best, previous[start] + gain)
+            row.append(best)
         score.append(row)
 
-    mapping: list[int | None] = [None] * n
+    spans: list[tuple[int, int] | None] = [None] * n
     i, j = n, m
     while i > 0 and j > 0:
         if score[i][j] == score[i - 1][j - 1] + _similarity(source[i - 1], target[j - 1]):
-            mapping[i - 1] = j - 1
+            spans[i - 1] = (j - 1, j)
             i, j = i - 1, j - 1
+            continue
+        fused = next((start for start, gain in fusions.get((i - 1, j), ()) if score[i][j] == score[i - 1][start] + gain),
+                     None)
+        if fused is not None:
+            spans[i - 1] = (fused, j)
+            i, j = i - 1, fused
         elif score[i][j] == score[i - 1][j] + GAP_SCORE:
             i -= 1
         else:
             j -= 1
-    return mapping
+    return spans
+
+
+def align(source: Sequence[str], target: Sequence[str]) -> list[int | None]:
+    """For each source position, the first target position :func:`align_spans` aligns it to, or ``None``."""
+    return [span[0] if span else None for span in align_spans(source, target)]
 
 
 def _split_rank(words: list[str]) -> tuple[Words, int | None]:
@@ -219,7 +278,7 @@ def parse_output(generated: str, input_tokens: Sequence[str], types: dict) -> tu
     """Parse a generated TANL sentence into entities (input token spans) and relations.
 
     Never raises on malformed text. Plain words are aligned to ``input_tokens`` with
-    :func:`align`; an entity spans the input tokens its words align to and is dropped when
+    :func:`align_spans`; an entity spans the input tokens its words align to and is dropped when
     none align, when its type is missing or unknown, or when it repeats an earlier entity.
     A text ``[`` inside an open entity closes it; a missing ``]`` is implied at the next
     ``[`` or at the end of the text.
@@ -236,7 +295,7 @@ def parse_output(generated: str, input_tokens: Sequence[str], types: dict) -> tu
     entity_by_name = {name: key for key, name in entity_names.items()}
     relation_by_name = {name: key for key, name in relation_names.items()}
     plain, raw_entities = _scan(generated)
-    mapping = align(plain, list(input_tokens))
+    spans = align_spans(plain, list(input_tokens))
 
     entities: list[Entity] = []
     names: list[set[Words]] = []
@@ -244,11 +303,11 @@ def parse_output(generated: str, input_tokens: Sequence[str], types: dict) -> tu
     raw_index: list[int | None] = []
     for raw in raw_entities:
         entity_type = entity_by_name.get(_normalize(" ".join(raw.tags[0]))) if raw.tags else None
-        positions = [p for p in mapping[raw.first : raw.first + len(raw.words)] if p is not None]
-        if entity_type is None or not positions:
+        aligned = [span for span in spans[raw.first : raw.first + len(raw.words)] if span is not None]
+        if entity_type is None or not aligned:
             raw_index.append(None)
             continue
-        entity = Entity(min(positions), max(positions) + 1, entity_type)
+        entity = Entity(min(span[0] for span in aligned), max(span[1] for span in aligned), entity_type)
         if entity not in index_of:
             index_of[entity] = len(entities)
             entities.append(entity)
