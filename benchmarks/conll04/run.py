@@ -97,7 +97,7 @@ FISHDIP_VARIANTS: dict[str, dict[str, float]] = {
 # Fields of a run's configuration: a JSON that differs in any of them is stale and run again.
 CONFIG_KEYS = ("method", "train_fraction", "seed", "steps", "learning_rate", "model_spec", "eval_split",
                "eval_limit", "eval_max_new_tokens", "batch_size", "eval_batch_size", "method_overrides", "dtype",
-               "protocol")
+               "protocol", "optimizer", "lr_schedule", "early_stop", "rescore")
 
 
 # -- names and configuration -------------------------------------------------------------------
@@ -251,17 +251,30 @@ def plan_exploration(args, command: str) -> list[tuple[Path, dict]]:
 
 
 # -- git ------------------------------------------------------------------------------------------------
+def repository_of(path: Path) -> Path:
+    """The root of the git work tree holding `path` (which may be another checkout than this code's)."""
+    folder = Path(path).resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True)
+    return Path(root.stdout.strip()) if root.returncode == 0 and root.stdout.strip() else REPO_ROOT
+
+
 def commit_paths(paths: list[Path], message: str, attempts: int = 30) -> bool:
     """Commit exactly `paths` (``git add`` then ``git commit --only``), retrying while the index is locked.
 
-    Other files, staged or not, are left alone. Returns True if a commit was made.
+    The commit goes to the repository holding the paths, so a grid run from a fixed-commit worktree can
+    write its results into the main checkout. Other files, staged or not, are left alone. Returns True if
+    a commit was made.
     """
-    rel = [str(Path(p).resolve().relative_to(REPO_ROOT)) for p in paths if Path(p).exists()]
-    if not rel:
+    existing = [Path(p).resolve() for p in paths if Path(p).exists()]
+    if not existing:
         return False
+    root = repository_of(existing[0])
+    rel = [str(p.relative_to(root)) for p in existing]
 
     def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
     for attempt in range(attempts):
         result = git("add", "--", *rel)
@@ -457,12 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def worker_main(spec_json: str, out: Path) -> int:
+    from benchmarks.conll04.loop import remove_checkpoint
     from benchmarks.conll04.training import execute_run
 
     spec = json.loads(spec_json)
     record = execute_run(spec)
     record["run_spec"] = {key: spec.get(key) for key in CONFIG_KEYS}
     write_json_atomic(out, record)
+    remove_checkpoint(spec.get("checkpoint_dir"))
     return 0
 
 

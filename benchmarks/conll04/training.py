@@ -9,14 +9,17 @@ The setting is identical for every method:
   ``target + eos`` (labels -100 on the prompt); seq2seq models (T5, detected from the config) map the
   sentence to the target. Prompt and target are tokenized separately, so training and decoding see the
   same prompt tokens.
-* **Training.** A plain loop: AdamW (betas 0.9/0.999, weight decay 0), constant learning rate,
-  gradient clipping at 1.0, batch 8, a fixed step budget per fraction (`default_steps`). Batches are
-  drawn from the fraction's subset as a stream of epochs, each a permutation of the subset from
-  ``random.Random(seed)``. Every step computes the batch's token-mean loss (the update) and one loss per
-  sample (the log) with `batch_losses`: one unpadded forward per sample, logits only where a target is
-  predicted; FISH-DIP methods call ``model.step(losses, batch)`` between forward and backward.
+* **Training.** `loop.train`: the short-budget regime (`benchmarks.conll04.run`) uses AdamW (betas
+  0.9/0.999, weight decay 0) at a constant rate, batch 8 and a fixed step budget per fraction
+  (`default_steps`); the authors' regime (`benchmarks.conll04.authors`) uses their optimizer, schedule,
+  batch, length and early stop. Gradients are clipped at 1.0. Batches are drawn from the fraction's
+  subset as a stream of epochs, each a permutation of the subset from ``random.Random(seed)``. Every
+  step computes the batch's token-mean loss (the update) and one loss per sample (the log) with
+  `batch_losses`: one unpadded forward per sample, logits only where a target is predicted; FISH-DIP
+  methods call ``model.step(losses, batch)`` between forward and backward.
 * **Decoding.** Greedy `generate`, sentences sorted by prompt length and batched (left padding for
-  causal models), ``max_new_tokens = 3 * words + 30`` of the longest sentence of the batch; the text
+  causal models), ``max_new_tokens = 3 * words + 30`` of the longest sentence of the batch, decoded
+  without clean-up of tokenization spaces (the targets keep a space before punctuation); the text
   is parsed with `tanl.parse_output` and scored with `metrics.evaluate`.
 
 `PROTOCOL` numbers this procedure; a change that can move any figure bumps it, and the runner then
@@ -43,8 +46,9 @@ from typing import Any
 import torch
 
 from benchmarks.conll04.data import Sentence, load_split, load_types, train_subset
+from benchmarks.conll04.loop import BatchStream, TrainSettings, remove_checkpoint, train
 from benchmarks.conll04.metrics import evaluate
-from benchmarks.conll04.tanl import format_input, format_target, parse_output
+from benchmarks.conll04.tanl import SCORING, format_input, format_target, parse_output
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "default"
@@ -58,6 +62,9 @@ BATCH_SIZE = 8
 EVAL_BATCH_SIZE = 32
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 0.0
+# The authors' early-stopping rule: stop once the training loss has stayed below 1e-6 for 20 steps.
+EARLY_STOP_LOSS = 1e-6
+EARLY_STOP_PATIENCE = 20
 EPOCHS_PER_BUDGET = 7
 MIN_STEPS = 30
 NUM_REGRESSING = 15
@@ -66,7 +73,10 @@ SCHEMA_VERSION = 1
 # Version of the shared training and decoding procedure. 2: unpadded per-sample forwards, decoding batch 32.
 # 3: OpenMP threads spin briefly on idle cores (`run.thread_environment`): same figures, faster runs,
 # so that the train times of all runs were taken the same way.
-PROTOCOL = 3
+# 4: the pool ranks distinct samples by their latest loss, decoding keeps the tokenizer's spaces
+# (no clean-up), optional Adafactor / linear decay / early stop / re-scoring (the authors' regime).
+PROTOCOL = 4
+RUN_IDENTITY = ("method", "train_fraction", "seed", "model", "method_overrides", "protocol")
 FISHDIP_METHODS = ("fishdip", "fixed-fish", "fishdip-no-sample-aware")
 ADAPTERHUB_METHODS = ("houlsby", "compacter")
 VERSIONED_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "adapters", "accelerate", "safetensors",
@@ -195,18 +205,9 @@ def max_new_tokens(sentence: Sentence) -> int:
     return 3 * len(sentence.tokens) + 30
 
 
-def batch_stream(size: int, batch_size: int, seed: int):
+def batch_stream(size: int, batch_size: int, seed: int) -> BatchStream:
     """Indices of successive batches: epochs of seeded permutations of ``range(size)``, concatenated."""
-    rng = random.Random(seed)
-    batch_size = min(batch_size, size)
-    pending: list[int] = []
-    while True:
-        while len(pending) < batch_size:
-            epoch = list(range(size))
-            rng.shuffle(epoch)
-            pending.extend(epoch)
-        yield pending[:batch_size]
-        pending = pending[batch_size:]
+    return BatchStream(size, batch_size, seed)
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -250,49 +251,27 @@ def batch_losses(model, encoder: TanlEncoder, examples: list[Encoded]) -> tuple[
     return sums.sum() / counts.sum(), sums / counts
 
 
-def train(model, encoder: TanlEncoder, sentences: list[Sentence], *, steps: int, learning_rate: float,
-          seed: int, fishdip: bool, batch_size: int = BATCH_SIZE, progress: bool = True) -> list[dict]:
-    """The training loop shared by every method; returns one log entry per step."""
-    from tqdm.auto import tqdm
+def train_settings(spec: dict) -> TrainSettings:
+    """The optimisation settings of a run spec (the short-budget regime's where the spec says nothing)."""
+    early_stop = bool(spec.get("early_stop", False))
+    return TrainSettings(
+        steps=spec["steps"], learning_rate=spec["learning_rate"], seed=spec["seed"],
+        batch_size=spec.get("batch_size", BATCH_SIZE), optimizer=spec.get("optimizer", "adamw"),
+        lr_schedule=spec.get("lr_schedule", "constant"), max_grad_norm=MAX_GRAD_NORM, weight_decay=WEIGHT_DECAY,
+        early_stop_loss=EARLY_STOP_LOSS if early_stop else None, early_stop_patience=EARLY_STOP_PATIENCE,
+        rescore=bool(spec.get("rescore", False)),
+    )
 
-    torch.manual_seed(seed)
-    examples = [encoder.train_example(s) for s in sentences]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the prepared model has no trainable parameter.")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=WEIGHT_DECAY)
-    model.train()
-    log: list[dict] = []
-    stream = batch_stream(len(examples), batch_size, seed)
-    bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=5, file=sys.stderr)
-    for step in bar:
-        rows = next(stream)
-        start = time.perf_counter()
-        mean_loss, losses = batch_losses(model, encoder, [examples[i] for i in rows])
-        refreshed = None
-        if fishdip:  # the pool keeps the padded batch; the Fisher pass trims each sample's padding
-            refreshed = bool(model.step(losses, encoder.collate([examples[i] for i in rows])))
-        mean_loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(mean_loss.detach())
-        entry = {
-            "step": step + 1,
-            "loss": round(loss, 6),
-            "sample_ids": list(rows),
-            "per_sample_losses": [round(float(v), 6) for v in losses.detach()],
-            "grad_norm": round(float(grad_norm), 6),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        if fishdip:
-            entry["mask_changed"] = refreshed
-        log.append(entry)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {step + 1}")
-    model.eval()
-    return log
+
+def optimizer_description(settings: TrainSettings, fishdip: bool) -> dict:
+    if settings.optimizer == "adamw":
+        return {"optimizer": "AdamW", "betas": [0.9, 0.999], "weight_decay": settings.weight_decay,
+                "lr_schedule": settings.lr_schedule}
+    from benchmarks.conll04.loop import ADAFACTOR_ARGS
+
+    name = "fishdip_peft.SparseAdafactor" if fishdip else "transformers.Adafactor"
+    return {"optimizer": name, **ADAFACTOR_ARGS, "weight_decay": settings.weight_decay,
+            "lr_schedule": settings.lr_schedule}
 
 
 # -- decoding -------------------------------------------------------------------------------------------
@@ -332,7 +311,9 @@ def generate(model, encoder: TanlEncoder, sentences: list[Sentence], *, batch_si
         )
         new = out if encoder.encoder_decoder else out[:, width:]
         for r, i in enumerate(rows):
-            texts[i] = encoder.tokenizer.decode(new[r, : budgets[r]], skip_special_tokens=True).strip()
+            # The targets were tokenized with spaces around punctuation ("U.S. 's", "] ,"): decode them as such.
+            texts[i] = encoder.tokenizer.decode(new[r, : budgets[r]], skip_special_tokens=True,
+                                                clean_up_tokenization_spaces=False).strip()
         bar.update(len(rows))
     bar.close()
     return texts
@@ -459,7 +440,9 @@ def execute_run(spec: dict) -> dict:
 
     `spec` keys: method, train_fraction, seed, steps, learning_rate, learning_rate_source, model,
     eval_split ("test" or "dev"), eval_limit (None: the whole split), batch_size, eval_batch_size,
-    dtype, command, and optionally method_overrides, progress, save_checkpoint_to.
+    dtype, command, and optionally method_overrides, progress, save_checkpoint_to, and the training
+    settings optimizer ("adamw" | "adafactor"), lr_schedule ("constant" | "linear"), early_stop (bool),
+    rescore (bool), checkpoint_dir (resumable state; see `loop.train`), regime and variant (labels).
     """
     from benchmarks.methods import build_method
 
@@ -486,11 +469,11 @@ def execute_run(spec: dict) -> dict:
     memory.end_phase("load")
 
     train_sentences = train_subset(load_split("train"), spec["train_fraction"], spec["seed"])
-    start, cpu = time.perf_counter(), time.process_time()
-    log = train(prepared.model, encoder, train_sentences, steps=spec["steps"],
-                learning_rate=spec["learning_rate"], seed=spec["seed"], fishdip=fishdip,
-                batch_size=spec.get("batch_size", BATCH_SIZE), progress=progress)
-    train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
+    settings = train_settings(spec)
+    trained = train(prepared.model, encoder, train_sentences, settings=settings, fishdip=fishdip,
+                    batch_losses=batch_losses, checkpoint_dir=spec.get("checkpoint_dir"),
+                    identity={key: spec.get(key) for key in RUN_IDENTITY}, progress=progress)
+    log, train_seconds, train_cpu = trained["log"], trained["train_seconds"], trained["train_cpu_seconds"]
     memory.end_phase("train")
 
     gold = eval_sentences(spec.get("eval_split", "test"), spec.get("eval_limit"))
@@ -508,8 +491,12 @@ def execute_run(spec: dict) -> dict:
         extra = {"num_trainable_entries": int(tuner.num_trainable), "mask_refreshes": int(tuner.refresh_count)}
     hyperparameters = {
         "method": dict(prepared.hyperparameters),
-        "optimizer": "AdamW", "betas": [0.9, 0.999], "weight_decay": WEIGHT_DECAY, "lr_schedule": "constant",
-        "max_grad_norm": MAX_GRAD_NORM, "batch_size": spec.get("batch_size", BATCH_SIZE),
+        **optimizer_description(settings, fishdip),
+        "max_grad_norm": settings.max_grad_norm, "batch_size": settings.batch_size,
+        "early_stop": ({"loss_below": settings.early_stop_loss, "for_steps": settings.early_stop_patience}
+                       if settings.early_stop_loss is not None else None),
+        "fisher_samples": ("training set re-scored at each refresh" if settings.rescore else
+                           "highest latest losses seen in training batches") if fishdip else None,
         "separator": SEPARATOR if not encoder.encoder_decoder else None,
         "decoding": "greedy, max_new_tokens = 3 * words + 30",
         "eval_batch_size": spec.get("eval_batch_size", EVAL_BATCH_SIZE), "dtype": spec.get("dtype", "float32"),
@@ -517,7 +504,10 @@ def execute_run(spec: dict) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "protocol": PROTOCOL,
+        "scoring": SCORING,
         "method": method,
+        "regime": spec.get("regime", "short"),
+        "variant": spec.get("variant", method),
         "train_fraction": spec["train_fraction"],
         "seed": spec["seed"],
         "entity_f1": scores["entity_f1"],
@@ -563,6 +553,9 @@ def execute_run(spec: dict) -> dict:
         "method_description": prepared.description,
         "command": spec.get("command"),
         "final_train_loss": log[-1]["loss"] if log else None,
+        "steps_run": len(log),
+        "stopped_early_at": trained["stopped_early_at"],
+        "resumed_from_step": trained["resumed_from"],
         "train_log": log,
         "predictions": texts,
     }
