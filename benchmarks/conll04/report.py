@@ -66,14 +66,28 @@ def load_runs(folder: str | Path) -> list[dict]:
     return records
 
 
-def is_current(record: dict) -> bool:
-    """Made with the runner's current training and decoding procedure (`training.PROTOCOL`)."""
-    return record.get("protocol", 1) == PROTOCOL
+def protocol_of(record: dict) -> int:
+    return record.get("protocol", 1)
+
+
+def reported_protocol(records: list[dict]) -> int:
+    """The procedure a folder's report shows: the newest one among its runs (`training.PROTOCOL` if none).
+
+    Runs of different protocols are never mixed in one table: a change of procedure can move any figure.
+    """
+    return max((protocol_of(r) for r in records), default=PROTOCOL)
+
+
+def is_current(record: dict, protocol: int = PROTOCOL) -> bool:
+    """Made with the training and decoding procedure `protocol` (default: the runner's, `training.PROTOCOL`)."""
+    return protocol_of(record) == protocol
 
 
 def load_results(results_dir: str | Path = RESULTS_DIR) -> list[dict]:
-    """The test runs in `results_dir` made with the current protocol (earlier ones await a re-run)."""
-    return [r for r in load_runs(results_dir) if is_current(r)]
+    """The test runs in `results_dir` made with its newest protocol (earlier ones await a re-run)."""
+    runs = load_runs(results_dir)
+    protocol = reported_protocol(runs)
+    return [r for r in runs if is_current(r, protocol)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -407,15 +421,18 @@ def lr_section(lr_file: Path) -> list[str]:
     return lines
 
 
-def exploration_section(results_dir: Path, counts: SentenceCounts | None = None) -> list[str]:
+def exploration_section(results_dir: Path, counts: SentenceCounts | None = None,
+                        protocol: int | None = None) -> list[str]:
     """FISH-DIP's density, m and n varied one at a time on dev (`run.py --explore-fishdip`)."""
-    variants = [r for r in load_runs(results_dir / "dev_exploration") if is_current(r)]
+    explored = load_runs(results_dir / "dev_exploration")
+    protocol = reported_protocol(explored) if protocol is None else protocol
+    variants = [r for r in explored if is_current(r, protocol)]
     if not variants:
         return ["Not run yet (`python -m benchmarks.conll04.run --explore-fishdip`, after the rate selection)."]
     counts = counts or SentenceCounts()
     lr = variants[0]["learning_rate"]
     reference = [r for r in load_runs(results_dir / "lr_selection")
-                 if is_current(r) and r["method"] == "fishdip" and r["learning_rate"] == lr]
+                 if is_current(r, protocol) and r["method"] == "fishdip" and r["learning_rate"] == lr]
     r0 = variants[0]
     lines = [f"FISH-DIP at its selected rate {lr:g}, {100 * r0['train_fraction']:g}% of train, seed {r0['seed']}, "
              f"{r0['steps']} steps, scored on the {r0['eval_sentences']} dev sentences of the rate selection; one "
@@ -486,13 +503,13 @@ def setting_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def quick_timing_lines(results_dir: Path, records: list[dict] | None = None) -> list[str]:
+def quick_timing_lines(results_dir: Path, records: list[dict] | None = None, protocol: int = PROTOCOL) -> list[str]:
     path = results_dir / "quick_timing.json"
     if not path.is_file():
         return []
     with open(path, encoding="utf-8") as f:
         t = json.load(f)
-    if not is_current(t):
+    if not is_current(t, protocol):
         return []
     load = t.get("load_average_start", [None])[0], t.get("load_average_end", [None])[0]
     quick = [r for r in records or [] if r.get("train_fraction") == 0.05 and r.get("seed") == 0
@@ -514,7 +531,8 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     results_dir, lr_file = Path(results_dir), Path(lr_file)
     results_dir.mkdir(parents=True, exist_ok=True)
     every_run = load_runs(results_dir)
-    records = [r for r in every_run if is_current(r)]
+    protocol = reported_protocol(every_run)
+    records = [r for r in every_run if is_current(r, protocol)]
     stale = len(every_run) - len(records)
     fig2 = figure2(records, results_dir / "figure2.png")
     fig4 = figure4(records, results_dir / "figure4.png")
@@ -526,8 +544,12 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
              "CoNLL'04 test set, mean ± sample standard deviation (n - 1) over the seeds listed; a single seed "
              "has no ±."
              + (f" {stale} run(s) made with an earlier version of the training and decoding procedure are left "
-                "out until the runner repeats them." if stale else ""), ""]
-    lines += ["## Setting", ""] + setting_lines(records) + quick_timing_lines(results_dir, records) + [""]
+                "out until the runner repeats them." if stale else "")
+             + (f" These runs were made with version {protocol} of the procedure (`training.PROTOCOL`); the runner "
+                f"is now at version {PROTOCOL}, whose changes are listed beside `PROTOCOL` in "
+                "`benchmarks/conll04/training.py`, and repeats them under `--grid`." if protocol < PROTOCOL else ""),
+             ""]
+    lines += ["## Setting", ""] + setting_lines(records) + quick_timing_lines(results_dir, records, protocol) + [""]
     lines += ["## Results", "", summary_table(records), ""]
     if any(row["partial"] for row in rows):
         lines += ["† a smoke run (`--eval-limit` or `--max-new-tokens`): scored on part of the test set or with "
@@ -565,7 +587,7 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     else:
         lines += ["Figure 4: needs FISH-DIP and fixed-mask runs.", ""]
     lines += ["## Learning rates", ""] + lr_section(lr_file) + [""]
-    lines += ["## FISH-DIP settings tried on dev", ""] + exploration_section(results_dir, counts) + [""]
+    lines += ["## FISH-DIP settings tried on dev", ""] + exploration_section(results_dir, counts, protocol) + [""]
     lines += ["## Commands", ""]
     lines += [f"- {what}: `{cmd}`" for what, cmd in COMMANDS]
     recorded = sorted({r.get("command") for r in records if r.get("command")})
