@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import numpy as np
 from peft.config import PeftConfig
 
 from .registration import FISHDIP_PEFT_TYPE
@@ -19,6 +22,11 @@ class FishDipConfig(PeftConfig):
     FISH-DIP trains a fraction `density` of the eligible entries of the model's weights. Every
     `update_every` optimizer steps it re-selects those entries by the empirical Fisher information of
     the `num_regressing` training samples with the highest loss since the last selection.
+
+    Every field is validated on construction, including when peft loads an adapter_config.json: bool
+    fields must be real bools, numbers must be numbers of the right kind (numpy scalars are accepted and
+    stored as plain Python values, so the config stays JSON-serialisable), and a regex string in
+    `target_modules` / `exclude_modules` must compile. Errors name the field, the value and a fix.
 
     Args:
         density: Fraction of eligible entries that are trainable (the paper's k), in (0, 1].
@@ -55,22 +63,94 @@ class FishDipConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = FISHDIP_PEFT_TYPE
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
-            raise TypeError(f"density must be a number in (0, 1], got {self.density!r}.")
-        if not 0.0 < float(self.density) <= 1.0:
+        # Values are converted to plain Python types (numpy scalars included) so the config serialises to JSON.
+        # `PeftConfig.from_pretrained` builds the config with keyword arguments, so a loaded adapter_config.json
+        # goes through the same checks.
+        for name in ("dynamic", "sample_aware", "inference_mode"):
+            setattr(self, name, _as_bool(name, getattr(self, name)))
+        density = _as_real("density", self.density, "density=0.01")
+        if not 0.0 < density <= 1.0:
             raise ValueError(
-                f"density must be in (0, 1] (the fraction of entries to train), got {self.density}. "
+                f"density must be in (0, 1] (the fraction of entries to train), got {self.density!r}. "
                 "For 1% of the weights use density=0.01."
             )
-        for name in ("update_every", "num_regressing"):
+        self.density = density
+        for name, example in (("update_every", 100), ("num_regressing", 15)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.delta_dtype not in DELTA_DTYPES:
-            raise ValueError(f"delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}.")
+            if _as_int(name, value, example, "a positive integer") < 1:
+                raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}. Example: {name}={example}.")
+            setattr(self, name, int(value))
+        self.seed = _as_int("seed", self.seed, 0, "an integer")
+        if not isinstance(self.delta_dtype, str) or self.delta_dtype not in DELTA_DTYPES:
+            raise ValueError(
+                f"delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}. "
+                'Example: delta_dtype="bfloat16" (halves the saved deltas) or delta_dtype="float32" (exact).'
+            )
+        self.delta_dtype = str(self.delta_dtype)
         for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
-            elif value is not None and not isinstance(value, (str, list)):
-                raise TypeError(f"{name} must be None, a regex string or a list of module names, got {value!r}.")
+            setattr(self, name, _as_modules(name, getattr(self, name)))
+
+
+_MODULES_EXAMPLE = 'Example: {name}=["q_proj", "v_proj"] (module names) or {name}=r".*\\.(q|v)_proj" (a regex).'
+
+
+def _describe(value) -> str:
+    return f"{value!r} (type {type(value).__name__})"
+
+
+def _as_bool(name: str, value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(
+        f"{name} must be a bool (True or False), got {_describe(value)}. "
+        f"Example: {name}=False (not the string \"false\", which would count as True)."
+    )
+
+
+def _as_real(name: str, value, example: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a number (int, float or numpy number, not a bool or string), "
+            f"got {_describe(value)}. Example: {example}."
+        )
+    return float(value)
+
+
+def _as_int(name: str, value, example: int, kind: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be {kind} (int or numpy integer, not a bool, float or string), "
+            f"got {_describe(value)}. Example: {name}={example}."
+        )
+    return int(value)
+
+
+def _as_modules(name: str, value):
+    """None, a regex string (compiled here, so a bad one fails now), or a list of module names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(
+                f"{name} must be a valid regular expression (a string {name} is a regex matched against the "
+                f"full module name) or a list of module names; got {value!r}, which is not a valid regular "
+                f"expression: {error}. Escape literal characters such as . ( [ * or pass a list of names. "
+                f"{_MODULES_EXAMPLE.format(name=name)}"
+            ) from error
+        return str(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                where = f"item {index} " if isinstance(value, (list, tuple)) else "an item "
+                raise TypeError(
+                    f"{name} must hold only module names (strings), but {where}is {_describe(item)} "
+                    f"in {value!r}. {_MODULES_EXAMPLE.format(name=name)}"
+                )
+        items = [str(item) for item in value]
+        return items if isinstance(value, list) else sorted(items)
+    raise TypeError(
+        f"{name} must be None (every parameter), a regex string or a list of module names, "
+        f"got {_describe(value)}. {_MODULES_EXAMPLE.format(name=name)}"
+    )
