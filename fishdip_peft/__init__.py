@@ -2,27 +2,23 @@
 
 from .adafactor import SparseAdafactor
 from .config import FishDipConfig
-from .distributed import prepare_with_accelerator, register_optimizer, sync_gradients
+from .formats import load_training_state, save_training_state
+from .integrations import prepare_with_accelerator, register_optimizer, sync_gradients
+from .lookup import fishdip_tuner
 from .losses import forward_with_per_sample_losses, per_sample_losses
 from .model import FishDipModel
 from .registration import FISHDIP_PEFT_TYPE, register
 
 register()
 
-_TRAINING_EXPORTS = (
-    "FishDipSeq2SeqTrainer",
-    "FishDipTrainer",
-    "FishDipTrainerMixin",
-    "load_training_state",
-    "save_training_state",
-)
+_TRAINER_EXPORTS = ("FishDipSeq2SeqTrainer", "FishDipTrainer", "FishDipTrainerMixin")
 
 
 def __getattr__(name):
-    if name in _TRAINING_EXPORTS:  # imported on first use: it loads transformers' Trainer
-        from . import training
+    if name in _TRAINER_EXPORTS:  # imported on first use: it loads transformers' Trainer
+        from . import trainer
 
-        return getattr(training, name)
+        return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -31,11 +27,14 @@ __all__ = [
     "FishDipConfig",
     "FishDipModel",
     "SparseAdafactor",
+    "fishdip_tuner",
     "forward_with_per_sample_losses",
+    "load_training_state",
     "per_sample_losses",
     "prepare_with_accelerator",
     "register_optimizer",
+    "save_training_state",
     "sync_gradients",
-    *_TRAINING_EXPORTS,
+    *_TRAINER_EXPORTS,
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

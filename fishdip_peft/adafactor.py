@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .lookup import fishdip_tuner
+
 
 class SparseAdafactor(torch.optim.Optimizer):
     """`transformers.Adafactor` (same arguments and defaults) for the trainable values of a FISH-DIP model.
@@ -44,8 +46,6 @@ class SparseAdafactor(torch.optim.Optimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
     ):
-        from .distributed import fishdip_tuner
-
         if lr is not None and relative_step:
             raise ValueError("cannot combine a manual `lr` with relative_step=True; pass relative_step=False.")
         if warmup_init and not relative_step:

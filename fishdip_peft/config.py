@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import numbers
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
 from peft.config import PeftConfig
 
+from .formats import disarm_adapter_file_writer
 from .registration import FISHDIP_PEFT_TYPE
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
@@ -30,7 +33,7 @@ class FishDipConfig(PeftConfig):
 
     Args:
         density: Fraction of eligible entries that are trainable (the paper's k), in (0, 1].
-        update_every: Number of `step()` calls (optimizer steps) between mask refreshes (the paper's m).
+        update_every: Optimizer steps between mask refreshes (the paper's m).
         num_regressing: Number of highest-loss samples whose Fisher ranks the entries (the paper's n).
         dynamic: If False, the mask is computed once at the first step and never refreshed (the fixed
             "FISH mask" of Sung et al. 2021).
@@ -41,9 +44,13 @@ class FishDipConfig(PeftConfig):
             `None` makes every parameter of the model eligible (embeddings and norms included; tied
             weights once).
         exclude_modules: Modules whose parameters are never eligible, same syntax as `target_modules`.
-        seed: Seed of the random sample pool used when `sample_aware=False`.
+        seed: Seed of the random sample pool used when `sample_aware=False` (and of `init_weights=False`).
         delta_dtype: Dtype of the deltas written by `save_pretrained`: "float32" (exact), "bfloat16" or
             "float16" (smaller, rounded).
+        init_weights: True (default) starts from the base model itself. False (peft's switch for tests)
+            starts from a random mask whose entries get small random deltas, so outputs differ from the base.
+        modules_to_save: Modules (e.g. a new classification head) trained in full and saved beside the
+            sparse deltas, as with peft's other methods.
     """
 
     density: float = field(default=0.01, metadata={"help": "Fraction of eligible entries trained, in (0, 1]."})
@@ -59,6 +66,12 @@ class FishDipConfig(PeftConfig):
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random pool when sample_aware=False."})
     delta_dtype: str = field(default="float32", metadata={"help": "Dtype of the saved deltas."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "False: start from a random mask with small random deltas (for tests)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved beside the sparse deltas."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,7 +79,7 @@ class FishDipConfig(PeftConfig):
         # Values are converted to plain Python types (numpy scalars included) so the config serialises to JSON.
         # `PeftConfig.from_pretrained` builds the config with keyword arguments, so a loaded adapter_config.json
         # goes through the same checks.
-        for name in ("dynamic", "sample_aware", "inference_mode"):
+        for name in ("dynamic", "sample_aware", "inference_mode", "init_weights"):
             setattr(self, name, _as_bool(name, getattr(self, name)))
         density = _as_real("density", self.density, "density=0.01")
         if not 0.0 < density <= 1.0:
@@ -89,6 +102,18 @@ class FishDipConfig(PeftConfig):
         self.delta_dtype = str(self.delta_dtype)
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, _as_modules(name, getattr(self, name)))
+
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """`PeftConfig.save_pretrained`, written atomically: adapter_config.json is never left half-written."""
+        disarm_adapter_file_writer()
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+            for name in os.listdir(staging):
+                with open(os.path.join(staging, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
 
 
 _MODULES_EXAMPLE = 'Example: {name}=["q_proj", "v_proj"] (module names) or {name}=r".*\\.(q|v)_proj" (a regex).'

@@ -1,31 +1,23 @@
-"""Data-parallel FISH-DIP: every process holds the whole model and keeps the same mask and weights.
+"""The collectives of data-parallel FISH-DIP: every process holds the whole model and the same mask.
 
-The trainable `values` get their gradient by side effect (see `sparse.GradientTap`), outside
-autograd, so `DistributedDataParallel` would never see it. A FISH-DIP model is therefore not wrapped
-in DDP; instead:
-- `sync_gradients` averages `values.grad` over the processes (one all-reduce of K + 1 floats),
-  before gradient clipping and the optimizer step, which is what DDP would have done;
+- `average_gradient` averages the values' gradient over the processes (one all-reduce of K + 1 floats),
+  which is what DDP would have done (the values get their gradient outside autograd, so FISH-DIP models
+  are not wrapped in DDP; see `integrations.py`);
 - a mask refresh ranks the weights by the Fisher of the global top-n samples: every process keeps
   its own pool, the pools' keys are gathered (`my_share_of_pool`), each process computes the Fisher
   of its own share of the global top-n and the scores are summed by an all-reduce
   (`sum_across_processes`), so every process gets the same scores bit for bit and the same entries;
-- `sync_initial_state` broadcasts the parameters and buffers of process 0, as DDP does.
+- `broadcast_parameters_and_buffers` copies process 0's model to the others, as DDP does.
 """
 
 from __future__ import annotations
 
-import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-_synced_at: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
-_hooked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
 def world_size() -> int:
@@ -40,95 +32,33 @@ def is_multi_process() -> bool:
     return world_size() > 1
 
 
-def fishdip_tuner(model: nn.Module):
-    """The `FishDipModel` inside `model` (a PeftModel, possibly wrapped by DDP or torch.compile)."""
-    from .model import FishDipModel
-
-    seen = model
-    for _ in range(4):
-        if isinstance(seen, FishDipModel):
-            return seen
-        if isinstance(seen, nn.parallel.DistributedDataParallel):
-            seen = seen.module
-        elif hasattr(seen, "_orig_mod"):
-            seen = seen._orig_mod
-        else:
-            seen = getattr(seen, "base_model", None)
-    raise TypeError(
-        f"expected a model built by get_peft_model(model, FishDipConfig(...)), got {type(model).__name__}."
-    )
-
-
-def is_fishdip_model(model: nn.Module) -> bool:
-    try:
-        fishdip_tuner(model)
-    except TypeError:
-        return False
-    return True
-
-
 # -- gradients -------------------------------------------------------------------------------------
 @torch.no_grad()
-def sync_gradients(model: nn.Module) -> None:
-    """Average the gradient of the trainable values over all processes; a no-op in one process.
+def average_gradient(values: torch.Tensor) -> None:
+    """Average `values.grad` over all processes (one all-reduce of K + 1 floats); a no-op in one process.
 
-    Call it after the last backward of an optimizer step and before gradient clipping. A process
-    without a gradient counts as a zero gradient, as in DDP; if no process has one, `grad` stays None.
-    Calling it again before another backward pass does nothing.
+    A process without a gradient counts as a zero gradient, as in DDP; if no process has one, `grad`
+    stays None.
     """
     if not is_multi_process():
         return
-    state = fishdip_tuner(model).fishdip_state
-    values, grad = state.values, state.values.grad
-    if _synced_at.get(state) == state.grad_writes:
-        return
     buffer = torch.zeros(values.numel() + 1, dtype=torch.float32, device=values.device)
-    if grad is not None:
-        buffer[:-1] = grad.reshape(-1)
+    if values.grad is not None:
+        buffer[:-1] = values.grad.reshape(-1)
         buffer[-1] = 1.0
     dist.all_reduce(buffer)
-    _synced_at[state] = state.grad_writes
     if float(buffer[-1]) != 0.0:
         values.grad = buffer[:-1].div_(world_size()).view_as(values).to(values.dtype).clone()
 
 
-def register_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Let `model` remap `optimizer`'s state at mask refreshes from the start (not only after its
-    first step), and, with several processes, average the values' gradient before each of its steps
-    unless `sync_gradients` already did. `optimizer` may be wrapped by accelerate."""
-    tuner = fishdip_tuner(model)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    state = tuner.fishdip_state
-    if not any(p is state.values for group in inner.param_groups for p in group["params"]):
-        raise ValueError("the optimizer does not hold the FISH-DIP values; build it from model.parameters().")
-    if not any(ref() is inner for ref in state.optimizers):
-        state.optimizers.append(weakref.ref(inner))
-    if is_multi_process() and inner not in _hooked_optimizers:
-        tuner_ref = weakref.ref(tuner)
-
-        def average_gradients(opt, args, kwargs):
-            target = tuner_ref()
-            if target is not None:
-                sync_gradients(target)
-
-        inner.register_step_pre_hook(average_gradients)
-        _hooked_optimizers.add(inner)
-
-
 # -- initial state -----------------------------------------------------------------------------------
 @torch.no_grad()
-def sync_initial_state(model: nn.Module) -> None:
-    """Copy process 0's parameters and buffers to every process (what DDP does when it wraps a
-    model); in a fresh run it also gives each process its own stream for the uniform pool."""
+def broadcast_parameters_and_buffers(model: nn.Module) -> None:
+    """Copy process 0's parameters and buffers to every process (what DDP does when it wraps a model)."""
     if not is_multi_process():
         return
-    tuner = fishdip_tuner(model)
     for tensor in [*model.parameters(), *model.buffers()]:
         _broadcast_in_place(tensor.data)
-    tuner.fishdip_state.write_back(force=True)
-    config = tuner.peft_config[tuner.active_adapter]
-    if not config.sample_aware and tuner._steps == 0 and len(tuner._pool) == 0:
-        tuner._pool.reseed(config.seed + rank())
 
 
 def _broadcast_in_place(tensor: torch.Tensor) -> None:
@@ -172,9 +102,9 @@ def sum_across_processes(scores: Optional[list[torch.Tensor]], params: Sequence[
 
 
 # -- pool state across processes --------------------------------------------------------------------
-def gather_pool_states(tuner) -> list[dict[str, Any]]:
+def gather_pool_states(pool) -> list[dict[str, Any]]:
     """Every process's pool state (tensors on the CPU), in rank order."""
-    local = _to_cpu(tuner._pool.state_dict())
+    local = _to_cpu(pool.state_dict())
     if not is_multi_process():
         return [local]
     everyone = [None] * world_size()
@@ -227,64 +157,3 @@ def to_device(obj, device):
     return obj
 
 
-# -- accelerate --------------------------------------------------------------------------------------
-def check_accelerator(accelerator) -> None:
-    """Raise a clear error for the parallel modes FISH-DIP does not support (FSDP, DeepSpeed)."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        raise NotImplementedError(
-            "FISH-DIP does not support FSDP: sharding flattens and moves the weights that FISH-DIP trains "
-            "in place, and the trainable values get their gradient outside autograd. Use data parallelism "
-            "(`accelerate launch --multi_gpu` or torchrun): every process holds the model, and the FISH-DIP "
-            "optimizer state is only O(K)."
-        )
-    if kind == DistributedType.DEEPSPEED:
-        raise NotImplementedError(
-            "FISH-DIP does not support DeepSpeed: its engine owns the gradients and the optimizer step and "
-            "never sees the FISH-DIP values' gradient, which is filled outside autograd. Use data parallelism "
-            "(`accelerate launch --multi_gpu` or torchrun) without a DeepSpeed config."
-        )
-    if kind == DistributedType.MEGATRON_LM:
-        raise NotImplementedError("FISH-DIP does not support Megatron-LM; use data parallelism.")
-
-
-def keep_fishdip_models_unwrapped(accelerator) -> None:
-    """Make `accelerator.prepare` place a FISH-DIP model on its device and apply mixed precision
-    without wrapping it in DDP, and broadcast process 0's state to the others (see module doc)."""
-    if getattr(accelerator, "_fishdip_prepare_model", None) is not None:
-        return
-    original = accelerator.prepare_model
-
-    def prepare_model(model, device_placement=None, evaluation_mode=False):
-        if not is_fishdip_model(model):
-            return original(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
-        check_accelerator(accelerator)
-        model = original(model, device_placement=device_placement, evaluation_mode=True)
-        if not evaluation_mode:
-            sync_initial_state(model)
-        return model
-
-    accelerator.prepare_model = prepare_model
-    accelerator._fishdip_prepare_model = prepare_model
-
-
-def prepare_with_accelerator(accelerator, model: nn.Module, *objects):
-    """`accelerator.prepare(model, *objects)` for a FISH-DIP model in a custom training loop.
-
-    The model is placed on the device with mixed precision applied but not wrapped in DDP; process
-    0's state is broadcast; optimizers among `objects` are registered (see `register_optimizer`).
-    Returns the prepared `(model, *objects)`.
-    """
-    check_accelerator(accelerator)
-    keep_fishdip_models_unwrapped(accelerator)
-    model = accelerator.prepare_model(model)
-    prepared = ()
-    if objects:
-        prepared = accelerator.prepare(*objects)
-        prepared = tuple(prepared) if len(objects) > 1 else (prepared,)
-    for obj in prepared:
-        if isinstance(getattr(obj, "optimizer", obj), torch.optim.Optimizer):
-            register_optimizer(model, obj)
-    return (model, *prepared)

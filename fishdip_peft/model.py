@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 import weakref
@@ -11,28 +12,34 @@ from typing import Any, Optional, Union
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import checkpoint, distributed
+from . import distributed, formats
 from .config import FishDipConfig
 from .fisher import empirical_fisher, trim_right_padding
+from .hooks import TapSet
+from .layer import FishDipLayer
 from .losses import per_sample_losses_from_outputs
+from .lookup import fishdip_tuner  # noqa: F401 (re-exported: the helper that finds the tuner)
 from .pool import RegressingPool, batch_size_of
+from .progress import AdapterProgress
 from .selection import global_topk_indices
-from .sparse import GradientTap, SparseTrainingState
+from .sparse import SparseAdapter
 
 
 def _matches(module_name: str, patterns) -> bool:
+    """A regex matches the full module name; a list item matches a module whose dotted name contains it as
+    whole components (`q_proj`, `self_attn`, `layers.0`), and so every module below it."""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, module_name) is not None
-    return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+    return any(f".{p}." in f".{module_name}." for p in patterns)
 
 
-def _eligible_parameters(model: nn.Module, config: FishDipConfig) -> list[tuple[str, nn.Parameter]]:
+def eligible_parameters(model: nn.Module, config: FishDipConfig) -> list[tuple[str, nn.Parameter]]:
     """Parameters of the targeted modules, in `named_parameters` order, tied weights once."""
     owner_of = {}
     for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             owner_of.setdefault(id(param), module_name)
     targeted, named = set(), []
     for name, param in model.named_parameters():
@@ -42,6 +49,8 @@ def _eligible_parameters(model: nn.Module, config: FishDipConfig) -> list[tuple[
         targeted.add(owner)
         if config.exclude_modules is not None and _matches(owner, config.exclude_modules):
             continue
+        if config.modules_to_save and _matches(owner, list(config.modules_to_save)):
+            continue  # trained in full by peft's modules_to_save copy
         named.append((name, param))
     if config.target_modules is not None and not targeted:
         available = sorted({n for n, m in model.named_modules() if n and any(True for _ in m.parameters(False))})
@@ -57,167 +66,265 @@ def _eligible_parameters(model: nn.Module, config: FishDipConfig) -> list[tuple[
 class FishDipModel(BaseTuner):
     """Sample-aware dynamic sparse fine-tuning (FISH-DIP, Das et al., EMNLP 2023) as a PEFT tuner.
 
-    A flat boolean mask keeps K = round(density · |θ|) entries of the eligible weights θ trainable.
-    Call [`step`] once per optimizer step with the per-sample losses; every `update_every` calls it
-    recomputes the mask from the empirical Fisher of the highest-loss samples seen since the last
-    refresh. Use it through `peft.get_peft_model(model, FishDipConfig(...))`.
+    Each adapter keeps K = round(density · |θ|) entries of the eligible weights θ trainable and
+    recomputes them every `update_every` optimizer steps from the empirical Fisher of the highest-loss
+    samples. It runs by itself in any training loop whose forward passes carry `labels` (automatic
+    mode); `step()` lets a loop pass its own per-sample losses instead. Use it through
+    `peft.get_peft_model(model, FishDipConfig(...))`.
     """
 
+    is_fishdip_tuner = True
     prefix: str = "fishdip_"
-    tuner_layer_cls = SparseTrainingState
+    tuner_layer_cls = nn.Module  # FISH-DIP replaces no layer: the trained entries live in the weights
     target_module_mapping: dict = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        self._install_hooks()
+
+    def _ensure_state(self) -> None:
+        """Create the tuner's containers (at the first injection, which BaseTuner.__init__ runs)."""
+        if "fishdip_layer" in self._modules:
+            return
+        self.fishdip_layer = FishDipLayer(self.active_adapters[0] if self.active_adapters else "default")
+        self.sparse_adapters: dict[str, SparseAdapter] = {}
+        self.progress: dict[str, AdapterProgress] = {}
+        self.merged_adapters: list[str] = []
+        self._disabled = False
+        self._computing_fisher = False
+        self._original_requires_grad: Optional[dict[str, bool]] = None
+        self._per_sample_losses: Callable = per_sample_losses_from_outputs
+        this = weakref.ref(self)
+        self._taps = TapSet(lambda: (lambda tuner: tuner._tap_target() if tuner is not None else None)(this()))
+        self._handles: list = []
 
     # -- injection ----------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        if len(self.peft_config) > 1:
-            raise ValueError("FishDipModel supports a single adapter; unload() before adding another.")
+        self._ensure_state()
         config: FishDipConfig = self.peft_config[adapter_name]
-        named = _eligible_parameters(model, config)
+        if adapter_name in self.sparse_adapters:
+            raise ValueError(f"an adapter named '{adapter_name}' exists already; pick another adapter_name.")
+        named = eligible_parameters(model, config)
         total = sum(p.numel() for _, p in named)
         k = round(config.density * total)
         if k < 1:
             raise ValueError(f"density={config.density} keeps no entry of the {total} eligible ones; raise it.")
-        self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        if self._original_requires_grad is None:
+            self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for param in model.parameters():
             param.requires_grad_(False)
-        self.fishdip_state = SparseTrainingState(named, k, trainable=not config.inference_mode, adapter_name=adapter_name)
-        self._pool = RegressingPool(config.num_regressing, config.sample_aware, config.seed)
-        self._steps = 0
-        self._refreshes = 0
-        self._adapters_disabled_stash = None
-        self._computing_fisher = False
-        self._warned_no_mask = False
-        self._rescoring = None
-        self._hooks = self._register_hooks(model)
-        self.targeted_parameter_names = [name for name, _ in named]
+        device = named[0][1].device
+        values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device), requires_grad=False)
+        adapter = SparseAdapter(adapter_name, named, k, values)
+        adapter.in_weights = False  # a new adapter has nothing to put into the weights yet
+        self.fishdip_values[adapter_name] = values
+        self.sparse_adapters[adapter_name] = adapter
+        self.progress[adapter_name] = AdapterProgress(RegressingPool(config.num_regressing, config.sample_aware,
+                                                                     config.seed))
+        self._taps.cover(model, [p for _, p in named])
+        self.targeted_parameter_names = sorted({n for a in self.sparse_adapters.values() for n in
+                                                (s.name for s in a.slots)})
+        if adapter_name in self.active_adapters:
+            self._activate(adapter_name, trainable=not config.inference_mode)
+        if not config.init_weights:
+            self._random_start(adapter_name)
 
-    def _register_hooks(self, model: nn.Module) -> list:
-        slot_of = {id(slot.param): slot for slot in self.fishdip_state.slots}
-        hooks = [model.register_forward_pre_hook(self._before_model_forward)]
-        for module in model.modules():
-            owned = [(attr, slot_of[id(p)]) for attr, p in module._parameters.items() if p is not None and id(p) in slot_of]
-            if owned:
-                hooks.append(module.register_forward_pre_hook(self._make_tap_hook(owned)))
-                hooks.append(module.register_forward_hook(self._make_untap_hook(owned), always_call=True))
+    def _random_start(self, adapter_name: str) -> None:
+        """`init_weights=False` (peft's switch for tests): a random first mask with small random deltas."""
+        config, adapter = self.peft_config[adapter_name], self.sparse_adapters[adapter_name]
+        generator = torch.Generator().manual_seed(config.seed)
+        picked = torch.randperm(adapter.num_eligible, generator=generator)[: adapter.k].sort().values
+        with self._weights_of(adapter_name):
+            adapter.set_selection([picked[(picked >= s.flat_offset) & (picked < s.flat_offset + s.numel)]
+                                   - s.flat_offset for s in adapter.slots])
+            with torch.no_grad():
+                noise = torch.randn(adapter.k, generator=generator) * 0.1
+                adapter.values.add_(noise.to(adapter.values.device))
+            adapter.write_back(force=True)
+        self.progress[adapter_name].refreshed()
+
+    def _install_hooks(self) -> None:
         this = weakref.ref(self)
+
+        @torch.compiler.disable
+        def after_forward(module, args, kwargs, output):
+            tuner = this()
+            if tuner is not None:
+                tuner._after_training_forward(args, kwargs, output)
+
+        def before_optimizer_step(optimizer, args, kwargs):
+            tuner = this()
+            if tuner is not None:
+                tuner._before_optimizer_step(optimizer)
 
         def after_optimizer_step(optimizer, args, kwargs):
             tuner = this()
             if tuner is not None:
                 tuner._after_optimizer_step(optimizer)
 
-        hooks.append(register_optimizer_step_post_hook(after_optimizer_step))
-        return hooks
+        self._handles = [
+            self.model.register_forward_hook(after_forward, with_kwargs=True),
+            register_optimizer_step_pre_hook(before_optimizer_step),
+            register_optimizer_step_post_hook(after_optimizer_step),
+        ]
+        for handle in self._handles:  # the process-wide optimizer hooks go away with this model
+            weakref.finalize(self, handle.remove)
 
-    def _taps_active(self) -> bool:
-        return (
-            torch.is_grad_enabled()
-            and self.fishdip_state.values.requires_grad
-            and self._adapters_disabled_stash is None
-            and not self._computing_fisher
-        )
+    @property
+    def fishdip_values(self) -> nn.ParameterDict:
+        """Every adapter's trainable values, by adapter name."""
+        return self.fishdip_layer.fishdip_values
 
-    def _make_tap_hook(self, owned):
-        def tap(module, args):
-            if not self._taps_active():
-                return
-            refresh_next = self._refresh_due(self._steps + 1)
-            for attr, slot in owned:
-                if slot.index.numel() or refresh_next:
-                    module._parameters[attr] = GradientTap.apply(slot.param, self.fishdip_state.values, slot, self.fishdip_state)
+    # -- the active adapter -------------------------------------------------------------------
+    @property
+    def fishdip_state(self) -> SparseAdapter:
+        """The active adapter's sparse state (`values`, `slots`, `k`, `mask`)."""
+        return self.sparse_adapters[self._single_active()]
 
-        return tap
+    def _single_active(self) -> str:
+        active = self.active_adapters
+        if len(active) != 1:
+            raise ValueError(f"FISH-DIP runs one active adapter at a time; active: {active}. Use set_adapter(name).")
+        return active[0]
 
-    @staticmethod
-    def _make_untap_hook(owned):
-        def untap(module, args, output):
-            for attr, slot in owned:
-                module._parameters[attr] = slot.param
+    def _activate(self, adapter_name: str, trainable: bool) -> None:
+        for name, other in self.sparse_adapters.items():
+            if name != adapter_name:
+                other.remove_from_weights()
+                other.values.requires_grad_(False)
+        adapter = self.sparse_adapters[adapter_name]
+        if not self._disabled:
+            adapter.put_into_weights()
+        adapter.values.requires_grad_(trainable)
 
-        return untap
+    class _WeightsOf:
+        def __init__(self, tuner, adapter_name):
+            self.tuner, self.name = tuner, adapter_name
 
-    def _before_model_forward(self, module, args):
-        self.fishdip_state.write_back()
+        def __enter__(self):
+            self.was = {n: a.in_weights for n, a in self.tuner.sparse_adapters.items()}
+            for name, adapter in self.tuner.sparse_adapters.items():
+                if name != self.name:
+                    adapter.remove_from_weights()
+            self.tuner.sparse_adapters[self.name].put_into_weights()
 
-    def _after_optimizer_step(self, optimizer) -> None:
-        values = self.fishdip_state.values
-        if any(p is values for group in optimizer.param_groups for p in group["params"]):
-            if self._refreshes == 0 and not self._warned_no_mask:
-                self._warned_no_mask = True
-                warnings.warn(
-                    "optimizer.step() ran before any mask was built, so nothing was trained: call "
-                    "model.step(per_sample_losses, batch) once per training step, before optimizer.step()."
-                )
-            self.fishdip_state.write_back(force=True)  # fused optimizers do not bump `values._version`
-            if not any(ref() is optimizer for ref in self.fishdip_state.optimizers):
-                self.fishdip_state.optimizers.append(weakref.ref(optimizer))
+        def __exit__(self, *exc):
+            for name, adapter in self.tuner.sparse_adapters.items():
+                if not self.was.get(name, False):
+                    adapter.remove_from_weights()
+            for name, adapter in self.tuner.sparse_adapters.items():
+                if self.was.get(name, False):
+                    adapter.put_into_weights()
+
+    def _weights_of(self, adapter_name: str) -> "_WeightsOf":
+        """Within it, the weights hold `adapter_name`'s values (and no other adapter's)."""
+        return self._WeightsOf(self, adapter_name)
+
+    def _tap_target(self) -> Optional[SparseAdapter]:
+        """The adapter whose values get gradients now: the active one, while it trains."""
+        if self._disabled or self._computing_fisher or not torch.is_grad_enabled():
+            return None
+        active = self.active_adapters
+        if len(active) != 1 or active[0] not in self.sparse_adapters:
+            return None
+        adapter = self.sparse_adapters[active[0]]
+        if not adapter.values.requires_grad or not adapter.in_weights or active[0] in self.merged_adapters:
+            return None
+        return adapter
 
     # -- public state ---------------------------------------------------------------------------
     @property
     def mask(self) -> torch.Tensor:
-        """Flat boolean mask over all eligible entries (in `eligible_parameters()` order)."""
+        """Flat boolean mask over the active adapter's eligible entries (built on demand)."""
         return self.fishdip_state.mask
 
     def eligible_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """`(name, tensor)` of the eligible weights in mask order; they hold the trained values."""
-        self.fishdip_state.write_back()
-        return [(slot.name, slot.param) for slot in self.fishdip_state.slots]
+        """`(name, tensor)` of the active adapter's eligible weights in mask order; they hold its values."""
+        adapter = self.fishdip_state
+        adapter.write_back()
+        return [(slot.name, slot.param) for slot in adapter.slots]
 
     @property
     def num_trainable(self) -> int:
-        """K, the number of trainable entries."""
+        """K, the number of trainable entries of the active adapter."""
         return self.fishdip_state.k
 
     @property
     def refresh_count(self) -> int:
-        return self._refreshes
+        return self.progress[self._single_active()].refreshes
 
     @property
     def step_count(self) -> int:
-        """Number of `step()` calls so far."""
-        return self._steps
+        """Optimizer steps taken with the active adapter's values."""
+        return self.progress[self._single_active()].optimizer_steps
 
     def pool_losses(self) -> list[float]:
         """Losses of the samples pooled since the last refresh, highest first (empty if not sample-aware)."""
-        return self._pool.losses()
+        return self.progress[self._single_active()].pool.losses()
+
+    def set_per_sample_losses(self, losses_fn: Callable) -> None:
+        """`losses_fn(model, outputs, batch) -> (batch,)` for automatic mode and re-scoring (default: the
+        language-model or classification losses of `losses.per_sample_losses_from_outputs`)."""
+        self._per_sample_losses = lambda model, outputs, labels: losses_fn(model, outputs, {"labels": labels})
+
+    # -- automatic mode -------------------------------------------------------------------------
+    def _after_training_forward(self, args, kwargs, output) -> None:
+        if not (self.model.training and torch.is_grad_enabled()) or self._tap_target() is None:
+            return
+        name = self._single_active()
+        progress = self.progress[name]
+        if progress.manual:
+            return
+        batch = _model_inputs(self.model, args, kwargs)
+        if "labels" not in batch:
+            return
+        losses = self._per_sample_losses(self.model, output, batch["labels"])
+        self.offer(losses, batch)
+        if progress.forwards_since_step == 0:
+            self._refresh_if_due(name)
+        progress.forwards_since_step += 1
+
+    def _before_optimizer_step(self, optimizer) -> None:
+        for name, adapter in self.sparse_adapters.items():
+            if adapter.values.requires_grad and adapter.holds_values(optimizer) and not adapter.has_selection:
+                raise RuntimeError(
+                    f"FISH-DIP adapter '{name}' has no mask yet, so this optimizer step would train nothing. "
+                    "FISH-DIP builds its mask by itself from training forward passes that carry `labels` "
+                    "(model(**batch) with batch['labels'], as the Trainer does). If your loop computes the loss "
+                    "outside the model, call model.step(per_sample_losses, batch) before optimizer.step()."
+                )
+
+    def _after_optimizer_step(self, optimizer) -> None:
+        for name, adapter in self.sparse_adapters.items():
+            if adapter.holds_values(optimizer):
+                adapter.register_optimizer(optimizer)
+                adapter.write_back(force=True)  # fused optimizers do not bump `values._version`
+                if adapter.values.requires_grad:
+                    self.progress[name].optimizer_steps += 1
+                    self.progress[name].forwards_since_step = 0
 
     # -- the FISH-DIP step ----------------------------------------------------------------------
-    def _refresh_due(self, call: int) -> bool:
-        config = self.peft_config[self.active_adapter]
-        if call == 1:
-            return True
-        return config.dynamic and (call - 1) % config.update_every == 0
-
     def step(self, losses: torch.Tensor, batch: Mapping[str, Any]) -> bool:
-        """Record this training step's samples and, when due, recompute the mask.
+        """Pool this step's samples with their losses and, when due, recompute the mask.
 
-        Call once per optimizer step with `losses`, the per-sample losses (1-D, one per sample, e.g.
-        from `forward_with_per_sample_losses`), and `batch`, the model-input dict of that step
-        (same leading size, with `labels`). The first call builds the first mask; then every
-        `update_every`-th call refreshes it (never, if `dynamic=False`). Returns True if the mask
-        changed.
-
-        Order: call it between the forward pass and `backward()` (the paper's order): a mask built
-        there applies to this step's update, since the backward reads the mask when it runs. Calling
-        it after `backward()` also works, but on a refresh step the entries new to the mask get no
-        gradient for that one step (their dense gradient is gone by then). Either way call it before
-        `optimizer.step()`.
-
-        Non-finite losses are not pooled (with a warning); a refresh whose Fisher is not finite is
-        skipped with a warning and keeps the current mask.
+        For loops that compute the per-sample losses themselves (FISH-DIP otherwise runs by itself): call
+        it once per optimizer step with `losses`, one loss per sample (1-D, e.g. from
+        `forward_with_per_sample_losses`), and `batch`, the model-input dict of that step (same leading
+        size, with `labels`), between the forward pass and `backward()`, so a new mask applies to this
+        step's update. The first call builds the first mask; later ones refresh it at the first call after
+        every `update_every` optimizer steps (never, if `dynamic=False`); calling it twice in one
+        optimizer step refreshes at most once. Once called, automatic mode stops for this adapter.
+        Returns True if the mask changed.
         """
+        name = self._single_active()
+        self._check_trainable(name)
+        self.progress[name].manual = True
         self.offer(losses, batch)
-        self._steps += 1
-        if not self._refresh_due(self._steps):
-            return False
-        return self.refresh_mask()
+        return self._refresh_if_due(name)
 
     def offer(self, losses: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        """Pool the samples of `batch` like `step` does, without counting a step.
-
-        With gradient accumulation, call `step` on one micro-batch of each optimizer step (before
-        its backward) and `offer` on the others, so that refreshes count optimizer steps.
-        """
+        """Pool the samples of `batch` (with gradient accumulation: the micro-batches other than the one
+        passed to `step`). Non-finite losses are not pooled (with a warning)."""
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             raise ValueError(
                 f"losses must be a 1-D tensor with one loss per sample, got "
@@ -227,49 +334,58 @@ class FishDipModel(BaseTuner):
         size = batch_size_of(batch)
         if losses.numel() != size:
             raise ValueError(f"got {losses.numel()} losses for a batch of {size} samples; pass one loss per sample.")
+        if "labels" not in batch:
+            raise ValueError("the batch needs `labels`: the Fisher pass computes each pooled sample's loss.")
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):
             warnings.warn(f"{int((~finite).sum())} non-finite per-sample losses; those samples are not pooled.")
         if bool(finite.any()):
             keep = torch.nonzero(finite).flatten()
-            rows = keep if not bool(finite.all()) else None
-            pooled_batch = batch if rows is None else _select_rows(batch, rows, size)
-            self._pool.offer(losses.detach()[keep], pooled_batch)
+            pooled = batch if bool(finite.all()) else _select_rows(batch, keep, size)
+            self.progress[self._single_active()].pool.offer(losses.detach()[keep], pooled)
 
-    def set_rescoring(
-        self,
-        batches: Union[Iterable[Mapping[str, Any]], Callable[[], Iterable[Mapping[str, Any]]], None],
-        losses_fn: Optional[Callable[[nn.Module, Any, Mapping[str, Any]], torch.Tensor]] = None,
-    ) -> None:
+    def _check_trainable(self, name: str) -> None:
+        if self._disabled:
+            raise RuntimeError("the adapter is disabled (inside disable_adapter()): leave it before training steps.")
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter '{name}' is merged: unmerge_adapter() before training it.")
+
+    def _refresh_if_due(self, name: str) -> bool:
+        config, progress = self.peft_config[name], self.progress[name]
+        if not progress.refresh_due(config.dynamic, config.update_every):
+            return False
+        return self.refresh_mask()
+
+    def set_rescoring(self, batches, losses_fn: Optional[Callable] = None) -> None:
         """Rank samples by re-scoring the training set at every refresh and for the first mask, as the
         authors' code does, instead of by the losses seen in training batches.
 
-        `batches` is a re-iterable of training batches (e.g. a DataLoader without shuffling; with
-        several processes, each process's own shard) or a callable returning one; `None` turns
-        re-scoring off. `losses_fn(model, outputs, batch)` gives one loss per sample (default: the
-        language-model or classification losses of `per_sample_losses_from_outputs`).
+        `batches` is a re-iterable of training batches (e.g. a DataLoader without shuffling; with several
+        processes, each process's own shard) or a callable returning one; `None` turns it off.
+        `losses_fn(model, outputs, batch)` gives one loss per sample (default: as in automatic mode).
         """
-        self._rescoring = None if batches is None else (batches, losses_fn or _default_losses)
+        progress = self.progress[self._single_active()]
+        progress.rescoring = None if batches is None else (batches, losses_fn)
 
     @torch.no_grad()
-    def rescore(
-        self,
-        batches: Iterable[Mapping[str, Any]],
-        losses_fn: Optional[Callable[[nn.Module, Any, Mapping[str, Any]], torch.Tensor]] = None,
-    ) -> int:
+    def rescore(self, batches: Iterable[Mapping[str, Any]], losses_fn: Optional[Callable] = None) -> int:
         """Empty the pool and refill it with the samples of `batches`, scored with the current weights
         (eval mode, no gradient). Returns the number of samples scored."""
-        losses_fn = losses_fn or _default_losses
-        self._pool.clear()
+        name = self._single_active()
+        self.progress[name].pool.clear()
         training = [(m, m.training) for m in self.model.modules()]
         scored = 0
         try:
             self.model.eval()
             for batch in batches:
-                batch = distributed.to_device(dict(batch), self.fishdip_state.values.device)
+                batch = distributed.to_device(dict(batch), self.sparse_adapters[name].values.device)
                 if "labels" not in batch:
                     raise ValueError("re-scoring needs `labels` in every batch of the training set.")
-                losses = losses_fn(self.model, self.model(**batch), batch)
+                outputs = self.model(**batch)
+                if losses_fn is not None:
+                    losses = losses_fn(self.model, outputs, batch)
+                else:
+                    losses = self._per_sample_losses(self.model, outputs, batch["labels"])
                 self.offer(losses, batch)
                 scored += losses.numel()
         finally:
@@ -278,20 +394,25 @@ class FishDipModel(BaseTuner):
         return scored
 
     def refresh_mask(self) -> bool:
-        """Recompute the mask from the pooled samples now and empty the pool (re-scoring the training
-        set first if `set_rescoring` was given one).
+        """Recompute the active adapter's mask from its pooled samples now and empty the pool (re-scoring
+        the training set first if `set_rescoring` was given one).
 
-        With several processes (torch.distributed initialized), every process must call it: the
-        Fisher is that of the top-n samples of all processes' pools and every process gets the same mask.
+        With several processes (torch.distributed initialized), every process must call it: the Fisher
+        is that of the top-n samples of all processes' pools and every process gets the same mask. A
+        refresh that cannot be made (no pooled sample, a non-finite Fisher) keeps the current mask; if
+        there is none yet, the next training step tries again.
         """
-        if self._rescoring is not None:
-            self.rescore(self._rescoring[0]() if callable(self._rescoring[0]) else self._rescoring[0], self._rescoring[1])
-        state = self.fishdip_state
-        params = [slot.param for slot in state.slots]
+        name = self._single_active()
+        self._check_trainable(name)
+        adapter, progress = self.sparse_adapters[name], self.progress[name]
+        if progress.rescoring is not None:
+            batches, losses_fn = progress.rescoring
+            self.rescore(batches() if callable(batches) else batches, losses_fn)
+        params = [slot.param for slot in adapter.slots]
         if distributed.is_multi_process():
-            samples, total = distributed.my_share_of_pool(self._pool, state.values.device)
+            samples, total = distributed.my_share_of_pool(progress.pool, adapter.values.device)
         else:
-            samples = self._pool.drain()
+            samples = progress.pool.drain()
             total = len(samples)
         if total == 0:
             warnings.warn("no finite-loss sample was pooled since the last refresh; the mask is kept.")
@@ -299,20 +420,18 @@ class FishDipModel(BaseTuner):
         scores = self._fisher_sum(samples, params)
         if distributed.is_multi_process():
             scores = distributed.sum_across_processes(scores, params)  # a failure anywhere becomes NaN
-        if scores is None:
-            return False
-        if not all(bool(torch.isfinite(s).all()) for s in scores):
+        if scores is None or not all(bool(torch.isfinite(s).all()) for s in scores):
             warnings.warn("mask refresh skipped: the Fisher information is not finite.")
             return False
         for score in scores:
             score.div_(total)
-        changed = state.set_selection(global_topk_indices(scores, state.k))
-        self._refreshes += 1
+        changed = adapter.set_selection(global_topk_indices(scores, adapter.k))
+        progress.refreshed()
         return changed
 
     def _fisher_sum(self, samples, params) -> Optional[list[torch.Tensor]]:
         """Σ (∇ℓ)² over `samples` (zeros if there are none), or None if a sample's loss is not finite."""
-        if not getattr(self.model.config, "is_encoder_decoder", False):
+        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
             samples = [trim_right_padding(s) for s in samples]
         self.fishdip_state.write_back()
         self._computing_fisher = True
@@ -341,54 +460,110 @@ class FishDipModel(BaseTuner):
         pass  # the trainable values are float32 whatever the weights' dtype
 
     def _check_new_adapter_config(self, config) -> None:
-        if len(self.peft_config) > 1:
-            raise ValueError("FishDipModel supports a single adapter.")
+        pass
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter '{adapter_name}'; this model has {list(self.peft_config)}.")
-        self.fishdip_state.values.requires_grad_(not inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) != 1:
+            raise ValueError(f"FISH-DIP runs one active adapter at a time; got {names}.")
+        if names[0] not in self.sparse_adapters:
+            raise ValueError(f"unknown adapter '{names[0]}'; this model has {list(self.sparse_adapters)}.")
+        self.active_adapter = names[0]
+        self.fishdip_layer.set_adapter(names[0])
+        self._activate(names[0], trainable=not inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self.sparse_adapters[name].values.requires_grad_(requires_grad)
 
     def disable_adapter_layers(self) -> None:
-        if self._adapters_disabled_stash is None:
-            self._adapters_disabled_stash = self.fishdip_state.swap_base(None)
-            self.fishdip_state._disable_adapters = True
+        if not self._disabled:
+            for adapter in self.sparse_adapters.values():
+                adapter.remove_from_weights()
+            self._disabled = True
+            self.fishdip_layer.enable_adapters(False)
 
     def enable_adapter_layers(self) -> None:
-        if self._adapters_disabled_stash is not None:
-            self.fishdip_state.swap_base(self._adapters_disabled_stash)
-            self._adapters_disabled_stash = None
-            self.fishdip_state._disable_adapters = False
+        if self._disabled:
+            self._disabled = False
+            self.fishdip_layer.enable_adapters(True)
+            active = [n for n in self.active_adapters if n in self.sparse_adapters]
+            if active:
+                self.sparse_adapters[active[0]].put_into_weights()
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """The active adapter's deltas already live in the weights; merging marks them as part of the
+        model, so it stops training until `unmerge_adapter()`."""
+        name = self._single_active()
+        if name in self.merged_adapters:
+            warnings.warn("All adapters are already merged, nothing to do.")
+            return
+        self.enable_adapter_layers()
+        self.sparse_adapters[name].write_back()
+        self.merged_adapters.append(name)
+        self.fishdip_layer.merged_adapters = list(self.merged_adapters)
+
+    def unmerge_adapter(self) -> None:
+        if not self.merged_adapters:
+            warnings.warn("Already unmerged. Nothing to do.")
+        self.merged_adapters = []
+        self.fishdip_layer.merged_adapters = []
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """The base model with the trained values in its weights and no FISH-DIP state."""
+        """The base model with the active adapter's trained values in its weights and no FISH-DIP state."""
         self.enable_adapter_layers()
-        self.fishdip_state.write_back()
+        name = self._single_active()
+        self._activate(name, trainable=False)
+        self.sparse_adapters[name].write_back()
         return self._detach()
 
     def unload(self) -> nn.Module:
         """The base model with its original weights, bit for bit, and no FISH-DIP state."""
         self.enable_adapter_layers()
-        self.fishdip_state.swap_base(None)
+        for adapter in self.sparse_adapters.values():
+            adapter.remove_from_weights()
         return self._detach()
 
     def _detach(self) -> nn.Module:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
+        self._taps.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.sparse_adapters, self.progress = {}, {}
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
-        raise NotImplementedError("FishDipModel holds one adapter; use unload() to remove it.")
+        if adapter_name not in self.sparse_adapters:
+            raise ValueError(f"unknown adapter '{adapter_name}'; this model has {list(self.sparse_adapters)}.")
+        self.sparse_adapters[adapter_name].remove_from_weights()
+        del self.sparse_adapters[adapter_name], self.progress[adapter_name], self.fishdip_values[adapter_name]
+        del self.peft_config[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = list(self.sparse_adapters)
+            self.active_adapter = remaining[:1]
+            self.fishdip_layer.set_adapter(remaining[:1])
+            if remaining:
+                self._activate(remaining[0], trainable=False)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """A new adapter whose deltas are Σ weight_i · delta_i of `adapters` (composable sparse fine-tuning,
+        Ansell et al. 2022). It holds no mask: training it builds one. The adapters must share their
+        eligible weights; the new one takes the first adapter's config."""
+        from .composition import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name)
 
     # -- checkpoint ----------------------------------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        return checkpoint.sparse_delta_state_dict(distributed.fishdip_tuner(model).fishdip_state, config.delta_dtype)
+        tensors = formats.adapter_state_dict(fishdip_tuner(model).sparse_adapters[adapter_name], config.delta_dtype)
+        formats.write_next_adapter_file_atomically()
+        return tensors
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -396,81 +571,76 @@ class FishDipModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        state = distributed.fishdip_tuner(model).fishdip_state
-        checkpoint.validate_and_apply(state, state_dict)
-        # The deltas are now in the weights. The trainable values belong to a mask the file does not
-        # hold; passing them through unchanged keeps peft from reporting them as missing.
-        values_key = next(n for n, p in model.named_parameters() if p is state.values)
-        return {values_key: state.values.detach().clone()}
+        tuner = fishdip_tuner(model)
+        ours = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] in formats.FIELDS}
+        others = {k: v for k, v in state_dict.items() if k not in ours}  # e.g. modules_to_save copies
+        tuner.load_adapter_deltas(adapter_name, ours)
+        # The deltas are now in the weights; peft's load_state_dict gets `values` itself, left as it is.
+        values_key = next(n for n, p in model.named_parameters() if p is tuner.fishdip_values[adapter_name])
+        return {**others, values_key: tuner.fishdip_values[adapter_name]}
+
+    def load_adapter_deltas(self, adapter_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Apply an adapter file's deltas to `adapter_name` (fresh, nothing touched) and restore its mask."""
+        adapter = self.sparse_adapters[adapter_name]
+        if any(slot.touched.numel() for slot in adapter.slots):
+            warnings.warn(f"adapter '{adapter_name}' already holds deltas; loading its file again changes nothing.")
+            return
+        with self._weights_of(adapter_name):
+            selection = formats.apply_adapter_state_dict(adapter, dict(tensors))
+            if sum(t.numel() for t in selection) == adapter.k:
+                adapter.set_selection(selection)
+                self.progress[adapter_name].refreshed()
 
     # -- resumable training state --------------------------------------------------------------
-    def training_state_dict(self) -> dict[str, Any]:
-        """Everything beyond the weights that training needs to resume exactly: counters, pool, mask."""
-        state = self.fishdip_state
-        return {
-            "steps": self._steps,
-            "refreshes": self._refreshes,
-            "pool": self._pool.state_dict(),
-            "index": [slot.index.cpu() for slot in state.slots],
-            "touched": [slot.touched.cpu() for slot in state.slots],
-            "base": [slot.base.cpu() for slot in state.slots],
-            "weights": [slot.flat[slot.touched].cpu() for slot in self._written_slots()],
-            "values": state.values.detach().cpu().clone(),
-            "names": [slot.name for slot in state.slots],
-            "shapes": [tuple(slot.param.shape) for slot in state.slots],
-        }
-
-    def _written_slots(self):
-        self.fishdip_state.write_back()
-        self.fishdip_state.follow_devices()
-        return self.fishdip_state.slots
-
-    def load_training_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what `training_state_dict` returned, exactly: the weights at every entry ever trained,
-        the trainable values, the mask, the pool and the step counters.
-
-        The model must hold the same base weights (fresh, or trained from them: entries trained since
-        are put back first). Every check runs before anything changes.
-        """
-        state = self.fishdip_state
-        if self._adapters_disabled_stash is not None:
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `formats.save_training_state` wrote: for every adapter, the weights at every entry
+        it ever trained, its values, mask, pool and schedule. Every check runs before anything changes."""
+        if self._disabled:
             raise RuntimeError("enable the adapter (leave disable_adapter()) before loading a training state.")
-        names, shapes = [slot.name for slot in state.slots], [tuple(slot.param.shape) for slot in state.slots]
-        if list(state_dict["names"]) != names or [tuple(s) for s in state_dict["shapes"]] != shapes:
-            raise ValueError("the training state is for other eligible weights (another model or target_modules).")
-        if state_dict["values"].numel() != state.k:
-            raise ValueError(
-                f"the training state has {state_dict['values'].numel()} trainable values; this model has K={state.k}."
-            )
-        for slot, touched, base in zip(self._written_slots(), state_dict["touched"], state_dict["base"]):
-            if base.dtype != slot.param.dtype:
-                raise ValueError(
-                    f"'{slot.name}' is {slot.param.dtype} here but was {base.dtype} in training; load the same dtype."
-                )
-            if not torch.equal(_base_values_at(slot, touched.to(slot.param.device)).cpu(), base):
-                raise ValueError(
-                    f"the base values of '{slot.name}' differ from those the training state was made from: this "
-                    "is not the same base model. Nothing was changed."
-                )
-        state.restore(
-            state_dict["index"], state_dict["touched"], state_dict["base"], state_dict["weights"], state_dict["values"]
-        )
-        self._pool.load_state_dict(distributed.to_device(state_dict["pool"], state.values.device))
-        self._steps, self._refreshes = int(state_dict["steps"]), int(state_dict["refreshes"])
+        saved = state["adapters"]
+        if set(saved) != set(self.sparse_adapters):
+            raise ValueError(f"the training state holds adapters {sorted(saved)}; this model has "
+                             f"{sorted(self.sparse_adapters)}.")
+        for name, entry in saved.items():
+            _check_training_state(self.sparse_adapters[name], entry)
+        for name, entry in saved.items():
+            adapter, progress = self.sparse_adapters[name], self.progress[name]
+            with self._weights_of(name):
+                adapter.restore(entry["index"], entry["touched"], entry["base"], entry["trained"], entry["values"])
+            progress.load_state_dict(entry["progress"])
+            pool_state = distributed.pool_state_for_this_process(entry["pools"], progress.pool.capacity)
+            progress.pool.load_state_dict(distributed.to_device(pool_state, adapter.values.device))
 
 
-def _base_values_at(slot, positions: torch.Tensor) -> torch.Tensor:
-    """The base (pre-training) values of `slot`'s weight at `positions`."""
-    values = slot.flat[positions].clone()
-    if slot.touched.numel() and positions.numel():
-        found = torch.searchsorted(slot.touched, positions).clamp(max=slot.touched.numel() - 1)
-        hit = slot.touched[found] == positions
-        values[hit] = slot.base[found[hit]]
-    return values
+def _check_training_state(adapter: SparseAdapter, entry: Mapping[str, Any]) -> None:
+    names, shapes = [s.name for s in adapter.slots], [tuple(s.param.shape) for s in adapter.slots]
+    if list(entry["names"]) != names or [tuple(s) for s in entry["shapes"]] != shapes:
+        raise ValueError("the training state is for other eligible weights (another model or target_modules).")
+    if entry["values"].numel() != adapter.k:
+        raise ValueError(f"the training state has {entry['values'].numel()} trainable values; this model has "
+                         f"K={adapter.k}.")
+    for slot, touched, base in zip(adapter.slots, entry["touched"], entry["base"]):
+        if base.dtype != slot.param.dtype:
+            raise ValueError(f"'{slot.name}' is {slot.param.dtype} here but was {base.dtype} in training; "
+                             "load the same dtype.")
+        if not torch.equal(slot.base_values_at(touched.to(slot.param.device)).cpu(), base):
+            raise ValueError(f"the base values of '{slot.name}' differ from those the training state was made "
+                             "from: this is not the same base model. Nothing was changed.")
 
 
-def _default_losses(model: nn.Module, outputs, batch: Mapping[str, Any]) -> torch.Tensor:
-    return per_sample_losses_from_outputs(model, outputs, batch["labels"])
+_FORWARD_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def _model_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The forward's tensor inputs by name (positional ones named from the signature), batch-sized only."""
+    if model not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[model] = list(inspect.signature(model.forward).parameters)
+    named = dict(zip(_FORWARD_PARAMETERS[model], args))
+    named.update(kwargs)
+    tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    labels = tensors.get("labels")
+    size = labels.shape[0] if labels is not None else None
+    return {k: v for k, v in tensors.items() if size is None or v.shape[0] == size}
 
 
 def _select_rows(batch: Mapping[str, Any], rows: torch.Tensor, size: int) -> dict[str, Any]:
@@ -478,4 +648,3 @@ def _select_rows(batch: Mapping[str, Any], rows: torch.Tensor, size: int) -> dic
         k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
         for k, v in batch.items()
     }
-

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from peft.utils.peft_types import PeftType
 
-from .atomic import atomic_write
 
 PEFT_METHOD_NAME = "fishdip"
 
@@ -45,19 +44,3 @@ def register() -> None:
     if PEFT_TYPE_TO_TUNER_MAPPING.get(FISHDIP_PEFT_TYPE) is FishDipModel:
         return
     register_peft_method(name=PEFT_METHOD_NAME, config_cls=FishDipConfig, model_cls=FishDipModel)
-    _make_adapter_weight_writes_atomic()
-
-
-def atomic_save_file(tensors, filename, metadata=None) -> None:
-    """`safetensors.torch.save_file`, written to a temporary file then renamed over `filename`."""
-    from safetensors.torch import save_file
-
-    atomic_write(filename, lambda tmp_path: save_file(tensors, tmp_path, metadata=metadata))
-
-
-def _make_adapter_weight_writes_atomic() -> None:
-    """`PeftModel.save_pretrained` writes its weights in place; route it through `atomic_save_file`
-    so an interrupted save never leaves a truncated `adapter_model.safetensors`."""
-    import peft.peft_model
-
-    peft.peft_model.safe_save_file = atomic_save_file

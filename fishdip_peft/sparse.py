@@ -1,32 +1,46 @@
-"""Compact training state: one flat vector of the K trainable values and where they live.
+"""One FISH-DIP adapter's sparse state: which weight entries it trains, their values, its deltas.
 
 The optimizer sees only `values` (K float32 entries, the same tensor across mask refreshes), so its
-state is O(K) and nothing it does (momentum, weight decay) can reach a frozen entry. The model's
-weights stay ordinary frozen tensors that always hold the trained values: gradients reach `values`
-through `GradientTap`, and `write_back` copies `values` into the weights after each optimizer step.
+state is O(K) and nothing it does (momentum, weight decay) can reach a frozen entry. The model's weights
+stay ordinary frozen tensors. While the adapter is *in the weights* (the active, enabled adapter) they
+hold its trained values: gradients reach `values` through the taps (`hooks.py`), and `write_back` copies
+`values` into the weights after each optimizer step. Per weight tensor the adapter also remembers every
+position it ever trained (`touched`) with the base value there, so it can take itself out of the weights
+(`remove_from_weights`, which keeps the trained values aside) and put itself back, bit for bit.
+
+Nothing here is O(|θ|): the boolean `mask` over all eligible entries is built on demand.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
+def positions_in(sorted_positions: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query, its index in `sorted_positions` (clamped) and whether it is there."""
+    if sorted_positions.numel() == 0:
+        return torch.zeros_like(queries), torch.zeros_like(queries, dtype=torch.bool)
+    found = torch.searchsorted(sorted_positions, queries).clamp(max=sorted_positions.numel() - 1)
+    return found, sorted_positions[found] == queries
+
+
 @dataclass
-class ParamSlot:
-    """One eligible weight tensor and its share of the mask."""
+class Slot:
+    """One eligible weight tensor and one adapter's share of it."""
 
     name: str
     param: nn.Parameter
     flat_offset: int  # position of the tensor's first entry in the flat mask
     index: torch.Tensor = field(default=None)  # sorted int64 positions (within the tensor) that are trainable
     value_offset: int = 0  # where the tensor's trainable entries start in `values`
-    touched: torch.Tensor = field(default=None)  # sorted int64 positions that were ever trainable
-    base: torch.Tensor = field(default=None)  # base (pre-training) values at `touched`, in the weight dtype
+    touched: torch.Tensor = field(default=None)  # sorted int64 positions ever trained or loaded
+    base: torch.Tensor = field(default=None)  # base values at `touched`, in the weight dtype
+    stash: Optional[torch.Tensor] = None  # trained values at `touched` while out of the weights
 
     def __post_init__(self):
         if not self.param.is_contiguous():
@@ -48,88 +62,96 @@ class ParamSlot:
         return slice(self.value_offset, self.value_offset + self.index.numel())
 
     def follow_device(self) -> None:
-        """Move the index tensors to the weight's device (after `model.to(...)`)."""
-        device = self.param.device
+        """Move the position tensors to the weight's device and dtype (after `model.to(...)`)."""
+        device, dtype = self.param.device, self.param.dtype
         if self.index.device != device:
-            self.index, self.touched, self.base = (t.to(device) for t in (self.index, self.touched, self.base))
+            self.index, self.touched = self.index.to(device), self.touched.to(device)
+        if self.base.device != device or self.base.dtype != dtype:
+            self.base = self.base.to(device, dtype)
+        if self.stash is not None and (self.stash.device != device or self.stash.dtype != dtype):
+            self.stash = self.stash.to(device, dtype)
 
     def record_base(self, positions: torch.Tensor) -> None:
-        """Remember the base values of `positions` that were never trainable before."""
+        """Remember the base values of `positions` that were never touched before (the weights must hold
+        the base values there, i.e. this adapter is in the weights or no adapter is)."""
         if positions.numel() == 0:
             return
-        if self.touched.numel():
-            found = torch.searchsorted(self.touched, positions).clamp(max=self.touched.numel() - 1)
-            positions = positions[self.touched[found] != positions]
-        if positions.numel() == 0:
+        _, known = positions_in(self.touched, positions)
+        new = positions[~known]
+        if new.numel() == 0:
             return
-        touched = torch.cat([self.touched, positions])
-        base = torch.cat([self.base, self.flat[positions]])
+        touched = torch.cat([self.touched, new])
+        base = torch.cat([self.base, self.flat[new]])
         order = torch.argsort(touched)
         self.touched, self.base = touched[order], base[order]
 
-
-class GradientTap(torch.autograd.Function):
-    """Identity on a frozen weight whose backward adds the weight gradient's trainable entries to
-    `values.grad`. The positions are read when the backward runs, so a mask refreshed between the
-    forward and the backward applies to that step's update."""
-
-    @staticmethod
-    def forward(ctx, weight, values, slot, state):
-        ctx.slot, ctx.state = slot, state
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad_weight):
-        ctx.state.accumulate_grad(ctx.slot, grad_weight)
-        return None, None, None, None
+    def base_values_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The base values at `positions`, whatever the weights hold now."""
+        values = self.flat[positions].clone()
+        found, hit = positions_in(self.touched, positions)
+        values[hit] = self.base[found[hit]]
+        return values
 
 
-class SparseTrainingState(nn.Module, BaseTunerLayer):
-    """The trainable `values` (K,), the flat boolean `mask` over all eligible entries, and the slots.
+class SparseAdapter:
+    """The trainable `values` (K,) of one adapter and, per eligible weight, its `Slot`."""
 
-    It is the tuner's one adapter layer (peft's `BaseTunerLayer`), holding `values` as
-    `fishdip_values[adapter_name]`, so peft's trainable-parameter counts and status reports see it.
-    """
-
-    adapter_layer_names = ("fishdip_values",)
-
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], k: int, trainable: bool, adapter_name: str):
-        super().__init__()
-        self._active_adapter = adapter_name
-        self.merged_adapters = []
-        self.slots: list[ParamSlot] = []
+    def __init__(self, name: str, named_params: list[tuple[str, nn.Parameter]], k: int, values: nn.Parameter):
+        self.name = name
+        self.slots: list[Slot] = []
         offset = 0
-        for name, param in named_params:
-            self.slots.append(ParamSlot(name, param, offset))
+        for param_name, param in named_params:
+            self.slots.append(Slot(param_name, param, offset))
             offset += param.numel()
         self.num_eligible = offset
         self.k = k
-        device = named_params[0][1].device
-        values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device), requires_grad=trainable)
-        self.fishdip_values = nn.ParameterDict({adapter_name: values})
-        self.register_buffer("mask", torch.zeros(offset, dtype=torch.bool, device=device), persistent=False)
-        self._written_version: Optional[int] = self.values._version
-        self.optimizers = []  # weak references to the optimizers that stepped `values`
+        self.values = values
+        self.in_weights = True  # whether the weights hold this adapter's trained values
+        self._written_version: Optional[int] = values._version
+        self.optimizers: list = []  # weak references to the optimizers that hold `values`
         self.grad_writes = 0  # backward contributions to `values.grad` so far
+        self._slot_of = {id(slot.param): slot for slot in self.slots}
+
+    def slot_for(self, param: torch.Tensor) -> Optional[Slot]:
+        return self._slot_of.get(id(param))
 
     @property
-    def values(self) -> nn.Parameter:
-        return self.fishdip_values[self._active_adapter]
+    def has_selection(self) -> bool:
+        return any(slot.index.numel() for slot in self.slots)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Flat boolean mask over all eligible entries (built on demand: O(|θ|) while it lives)."""
+        mask = torch.zeros(self.num_eligible, dtype=torch.bool)
+        mask[self.flat_selection()] = True
+        return mask
+
+    def flat_selection(self) -> torch.Tensor:
+        """Current trainable positions in the flat mask, sorted (K,), on the CPU."""
+        parts = [slot.index.cpu() + slot.flat_offset for slot in self.slots]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def register_optimizer(self, optimizer) -> None:
+        if not any(ref() is optimizer for ref in self.optimizers):
+            self.optimizers.append(weakref.ref(optimizer))
+
+    def holds_values(self, optimizer) -> bool:
+        return any(p is self.values for group in optimizer.param_groups for p in group["params"])
 
     # -- gradients and write-back -------------------------------------------------------------
-    def accumulate_grad(self, slot: ParamSlot, grad_weight: torch.Tensor) -> None:
-        if slot.index.numel() == 0:
+    def accumulate(self, slot: Slot, selected_grad: torch.Tensor) -> None:
+        """Add the gradient of `slot`'s trainable entries (in `slot.index` order) to `values.grad`."""
+        if selected_grad.numel() == 0:
             return
         self.grad_writes += 1
-        picked = grad_weight.reshape(-1).index_select(0, slot.index.to(grad_weight.device))
         if self.values.grad is None:
             self.values.grad = torch.zeros_like(self.values)
-        self.values.grad[slot.value_range()] += picked.to(self.values.dtype).to(self.values.device)
+        self.values.grad[slot.value_range()] += selected_grad.to(self.values.device, self.values.dtype)
 
     @torch.no_grad()
     def write_back(self, force: bool = False) -> None:
-        """Copy `values` into the weights if they changed since the last write."""
-        if not force and self.values._version == self._written_version:
+        """Copy `values` into the weights if they changed since the last write (in the weights only)."""
+        if not self.in_weights or (not force and self.values._version == self._written_version):
             return
         for slot in self.slots:
             if slot.index.numel():
@@ -138,49 +160,58 @@ class SparseTrainingState(nn.Module, BaseTunerLayer):
                 slot.flat.index_copy_(0, slot.index, update)
         self._written_version = self.values._version
 
-    def follow_devices(self) -> None:
+    # -- in and out of the weights ----------------------------------------------------------------
+    @torch.no_grad()
+    def remove_from_weights(self) -> None:
+        """Put the base values back at every touched position, keeping the trained ones aside."""
+        if not self.in_weights:
+            return
+        self.write_back()
         for slot in self.slots:
             slot.follow_device()
+            slot.stash = slot.flat[slot.touched].clone()
+            slot.flat.index_copy_(0, slot.touched, slot.base)
+        self.in_weights = False
 
     @torch.no_grad()
-    def restore(self, index, touched, base, weights, values: torch.Tensor) -> None:
-        """Put back a saved selection: per slot the trainable positions `index`, the positions ever
-        trainable `touched` with their `base` and current `weights` values; and `values`. Entries
-        touched now but not in the saved state get their base values back. No check is made."""
-        offset = 0
-        for slot, positions, ever, ever_base, current in zip(self.slots, index, touched, base, weights):
+    def put_into_weights(self) -> None:
+        """Write the trained values kept by `remove_from_weights` back into the weights."""
+        if self.in_weights:
+            return
+        for slot in self.slots:
             slot.follow_device()
-            device, dtype = slot.param.device, slot.param.dtype
-            slot.flat.index_copy_(0, slot.touched, slot.base)
-            slot.touched, slot.base = ever.to(device), ever_base.to(device, dtype)
-            slot.flat.index_copy_(0, slot.touched, current.to(device, dtype))
-            slot.index, slot.value_offset = positions.to(device), offset
-            offset += positions.numel()
-        self.values.copy_(values.to(self.values.device, self.values.dtype))
-        self.values.grad = None
+            if slot.stash is not None:
+                slot.flat.index_copy_(0, slot.touched, slot.stash)
+            slot.stash = None
+        self.in_weights = True
         self._written_version = self.values._version
-        self.mask.zero_()
-        self.mask[self.flat_selection().to(self.mask.device)] = True
+
+    @torch.no_grad()
+    def trained_values_at_touched(self, slot: Slot) -> torch.Tensor:
+        """The adapter's trained values at `slot.touched` (float32, exact for the trainable entries)."""
+        slot.follow_device()
+        current = (slot.flat[slot.touched] if self.in_weights else slot.stash).float()
+        if slot.index.numel():
+            where = torch.searchsorted(slot.touched, slot.index)
+            current[where] = self.values[slot.value_range()].detach().to(current.device)
+        return current
 
     # -- mask refresh ---------------------------------------------------------------------------
-    def flat_selection(self) -> torch.Tensor:
-        """Current trainable positions in the flat mask, sorted (K,), on the CPU."""
-        parts = [slot.index.cpu() + slot.flat_offset for slot in self.slots]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
     @torch.no_grad()
     def set_selection(self, per_tensor: list[torch.Tensor]) -> bool:
         """Make `per_tensor[i]` (sorted positions in slot i, K in all) the trainable entries.
 
         Entries that stay keep their value, gradient and optimizer state; new entries start from the
         weight's value with zero gradient and state; entries that leave keep what they learned.
-        Returns True if the selection changed.
+        The adapter must be in the weights. Returns True if the selection changed.
         """
         if sum(t.numel() for t in per_tensor) != self.k:
             raise RuntimeError(f"a selection must hold exactly K={self.k} entries.")
+        if not self.in_weights:
+            raise RuntimeError(f"adapter '{self.name}' is not in the weights; activate and enable it first.")
         self.write_back()
         old_flat = self.flat_selection()
-        had_mask = bool(self.mask.any())
+        had_selection = self.has_selection
         values = torch.empty_like(self.values)
         offset = 0
         for slot, positions in zip(self.slots, per_tensor):
@@ -191,25 +222,19 @@ class SparseTrainingState(nn.Module, BaseTunerLayer):
             values[offset : offset + positions.numel()] = slot.flat[positions].to(values.device, values.dtype)
             offset += positions.numel()
         new_flat = self.flat_selection()
-        if had_mask:
-            source, stays = self._positions_in(old_flat, new_flat)
-            values[stays.to(values.device)] = self._remap(self.values, source, stays)[stays.to(values.device)]
+        if had_selection:
+            source, stays = positions_in(old_flat, new_flat)
+            stays_here = stays.to(values.device)
+            values[stays_here] = self._remap(self.values, source, stays)[stays_here]
             self._remap_gradient_and_optimizer_state(source, stays)
-        else:
-            self.values.grad = None if self.values.grad is None else torch.zeros_like(self.values)
+        elif self.values.grad is not None:
+            self.values.grad = torch.zeros_like(self.values)
         self.values.copy_(values)
         self._written_version = self.values._version  # the weights already hold these values
-        self.mask.zero_()
-        self.mask[new_flat.to(self.mask.device)] = True
-        return not had_mask or not torch.equal(old_flat, new_flat)
+        return not had_selection or not torch.equal(old_flat, new_flat)
 
     @staticmethod
-    def _positions_in(old_flat: torch.Tensor, new_flat: torch.Tensor):
-        source = torch.searchsorted(old_flat, new_flat).clamp(max=old_flat.numel() - 1)
-        stays = old_flat[source] == new_flat
-        return source.to(torch.int64), stays
-
-    def _remap(self, tensor: torch.Tensor, source: torch.Tensor, stays: torch.Tensor) -> torch.Tensor:
+    def _remap(tensor: torch.Tensor, source: torch.Tensor, stays: torch.Tensor) -> torch.Tensor:
         source, stays = source.to(tensor.device), stays.to(tensor.device)
         remapped = torch.zeros_like(tensor)
         remapped[stays] = tensor[source[stays]]
@@ -227,19 +252,20 @@ class SparseTrainingState(nn.Module, BaseTunerLayer):
                 if isinstance(tensor, torch.Tensor) and tensor.shape == self.values.shape:
                     state[key] = self._remap(tensor, source, stays)
 
-    # -- base values ----------------------------------------------------------------------------
     @torch.no_grad()
-    def swap_base(self, stash: Optional[list[torch.Tensor]]) -> Optional[list[torch.Tensor]]:
-        """With `stash=None`, put the base values back into the weights and return the trained ones;
-        given that stash, put the trained values back."""
-        self.write_back()
-        if stash is None:
-            trained = []
-            for slot in self.slots:
-                slot.follow_device()
-                trained.append(slot.flat[slot.touched].clone())
-                slot.flat.index_copy_(0, slot.touched, slot.base)
-            return trained
-        for slot, values in zip(self.slots, stash):
-            slot.flat.index_copy_(0, slot.touched, values)
-        return None
+    def restore(self, index, touched, base, trained, values: torch.Tensor) -> None:
+        """Put back a saved state: per slot the trainable positions `index`, the positions ever touched
+        `touched` with their `base` and `trained` values; and `values`. Positions touched now but not in
+        the saved state get their base values back. The adapter must be in the weights. No check is made."""
+        offset = 0
+        for slot, positions, ever, ever_base, current in zip(self.slots, index, touched, base, trained):
+            slot.follow_device()
+            device, dtype = slot.param.device, slot.param.dtype
+            slot.flat.index_copy_(0, slot.touched, slot.base)
+            slot.touched, slot.base = ever.to(device), ever_base.to(device, dtype)
+            slot.flat.index_copy_(0, slot.touched, current.to(device, dtype))
+            slot.index, slot.value_offset = positions.to(device), offset
+            offset += positions.numel()
+        self.values.copy_(values.to(self.values.device, self.values.dtype))
+        self.values.grad = None
+        self._written_version = self.values._version

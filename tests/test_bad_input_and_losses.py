@@ -14,8 +14,8 @@ def snapshot(model):
         tuner.mask.clone(),
         tuner.fishdip_state.values.detach().clone(),
         [p.detach().clone() for _, p in tuner.eligible_parameters()],
-        tuner._steps,
-        len(tuner._pool),
+        tuner.step_count,
+        len(tuner.pool_losses()),
     )
 
 
@@ -32,6 +32,7 @@ def model():
     batch = causal_batch(0)
     _, losses = forward_with_per_sample_losses(model, batch)
     model.step(losses, batch)
+    torch.optim.SGD([model.base_model.fishdip_state.values], lr=0.0).step()  # refreshes count optimizer steps
     return model
 
 
@@ -66,7 +67,7 @@ def test_non_finite_losses_are_not_pooled():
     losses = torch.tensor([float("nan"), 1.0, float("inf"), 2.0])
     with pytest.warns(UserWarning, match="2 non-finite per-sample losses"):
         model.step(losses, causal_batch(1))
-    assert model.base_model._pool.losses() == [2.0, 1.0]
+    assert model.base_model.pool_losses() == [2.0, 1.0]
 
 
 def test_refresh_with_only_non_finite_losses_is_skipped_and_keeps_the_mask(model):
@@ -93,7 +94,7 @@ def test_batch_without_labels_is_a_clear_error():
     batch = causal_batch(0)
     with pytest.raises(ValueError, match="needs `labels`"):
         forward_with_per_sample_losses(model, {"input_ids": batch["input_ids"]})
-    with pytest.raises(ValueError, match="need `labels`"):
+    with pytest.raises(ValueError, match="needs `labels`"):
         model.step(torch.ones(4), {"input_ids": batch["input_ids"]})
 
 
@@ -124,9 +125,12 @@ def test_per_sample_losses_ignore_the_ignore_index():
         per_sample_losses(logits, labels[:, :2], causal=True)
 
 
-def test_optimizer_step_without_any_mask_warns_that_nothing_trains():
+def test_optimizer_step_without_any_mask_is_a_clear_error_that_changes_nothing():
+    """A loop whose forwards carry no labels and that never calls step(): refused, not a silent no-op."""
     model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
     forward_with_per_sample_losses(model, causal_batch(0))[0].loss.backward()
-    with pytest.warns(UserWarning, match="before any mask was built"):
+    with pytest.raises(RuntimeError, match="has no mask yet.*call model.step"):
         optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

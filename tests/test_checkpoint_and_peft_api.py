@@ -78,9 +78,14 @@ def test_payload_is_eight_bytes_per_changed_entry(tmp_path):
     path = tmp_path / "adapter_model.safetensors"
     header_length = int.from_bytes(path.read_bytes()[:8], "little")
     payload = os.path.getsize(path) - 8 - header_length
-    shapes = {k: t.numel() for k, t in _tensors(path).items() if k.endswith("fishdip_shape")}
+    tensors = _tensors(path)
+    shapes = {k: t.numel() for k, t in tensors.items() if k.endswith("fishdip_shape")}
     per_tensor = sum(32 + 8 * ndim for ndim in shapes.values())  # fingerprint + shape
-    assert payload == 8 * changed_entries(model, tiny_llama) + per_tensor
+    flags = sum(t.numel() for k, t in tensors.items() if k.endswith("fishdip_selected"))  # 1 bit per entry
+    changed = changed_entries(model, tiny_llama)
+    assert flags == sum(-(-t.numel() // 8) for k, t in tensors.items() if k.endswith("fishdip_indices"))
+    assert payload == 8 * changed + flags + per_tensor
+    assert payload / changed < 8.5
 
 
 def _tensors(path):
@@ -153,7 +158,7 @@ def test_unload_restores_the_base_weights_bit_for_bit(arch):
     assert type(base) is type(factory())
     reference = factory().state_dict()
     assert all(torch.equal(t, reference[k]) for k, t in base.state_dict().items())
-    assert all(p.requires_grad for p in base.parameters())
+    assert not any(p.requires_grad for p in base.parameters())  # as peft's methods leave the base model
 
 
 def test_merge_and_unload_returns_a_plain_model_computing_the_trained_outputs():
@@ -163,6 +168,8 @@ def test_merge_and_unload_returns_a_plain_model_computing_the_trained_outputs():
     merged = model.merge_and_unload()
     assert isinstance(merged, PreTrainedModel) and not hasattr(merged, "peft_config")
     assert torch.equal(logits(merged, batch), expected)
+    assert not any(p.requires_grad for p in merged.parameters())  # as peft's methods leave it
+    merged.requires_grad_(True)
     outputs = merged(**causal_batch(4))
     outputs.loss.backward()  # no FISH-DIP hook is left behind
     assert merged.model.embed_tokens.weight.grad is not None
@@ -208,28 +215,36 @@ def test_task_type_gives_peft_task_model_whose_generation_survives_a_round_trip(
     torch.testing.assert_close(loaded.generate(**prompt, **settings), model.generate(**prompt, **settings))
 
 
-def test_encoder_classifier_trains_its_head_through_the_mask_and_round_trips(tmp_path):
-    # peft gives SEQ_CLS models a dense copy of the head only when the config has `modules_to_save`;
-    # FISH-DIP has none, so the head's entries compete in the Fisher ranking like every other weight.
+def test_encoder_classifier_trains_a_dense_head_beside_the_sparse_body_and_round_trips(tmp_path):
+    # As with peft's other methods, SEQ_CLS models get a dense trainable copy of the new head
+    # (`modules_to_save`), saved beside the sparse deltas of the body.
     base = tiny_bert_classifier()
-    head = base.classifier.weight.detach().clone()
     model = get_peft_model(base, FishDipConfig(task_type="SEQ_CLS", density=0.05, num_regressing=2))
     assert type(model).__name__ == "PeftModelForSequenceClassification"
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
-        "base_model.fishdip_state.fishdip_values.default"
-    ]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "base_model.fishdip_layer.fishdip_values.default" in trainable
+    assert {n for n in trainable if "classifier" in n} == {
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias"}
+    assert not any("classifier" in s.name for s in model.base_model.fishdip_state.slots)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(1, 64, (4, 8), generator=g), "labels": torch.tensor([0, 1, 2, 1])}
-    outputs = model(**batch)
-    model.step(torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none"), batch)
-    outputs.loss.backward()
+    body = [p.detach().clone() for _, p in model.base_model.eligible_parameters()]
+    model.train()
+    model(**batch).loss.backward()  # automatic mode: per-sample cross-entropy from the forward
     optimizer.step()
-    assert not torch.equal(model.base_model.model.classifier.weight, head)
+    assert any(not torch.equal(a, p) for a, (_, p) in zip(body, model.base_model.eligible_parameters()))
     model.save_pretrained(tmp_path)
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
-        suffixes = {key.rsplit(".", 1)[1] for key in f.keys()}
-    assert suffixes == {"fishdip_deltas", "fishdip_indices", "fishdip_shape", "fishdip_fingerprint"}
+        keys = set(f.keys())
+    assert {k.rsplit(".", 1)[1] for k in keys if "fishdip_" in k} == {
+        "fishdip_deltas", "fishdip_indices", "fishdip_selected", "fishdip_shape", "fishdip_fingerprint"}
+    assert {k for k in keys if "classifier" in k} == {"base_model.model.classifier.weight",
+                                                      "base_model.model.classifier.bias"}
+    model.eval()
     loaded = PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+

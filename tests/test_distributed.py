@@ -48,7 +48,7 @@ def edge_cases() -> dict:
     and a process whose Fisher fails."""
     import warnings
 
-    from fishdip_peft import distributed, forward_with_per_sample_losses
+    from fishdip_peft import distributed, forward_with_per_sample_losses, integrations
     from fishdip_peft import model as fishdip_model
     from tests.models import causal_batch
     from tests.test_trainer import fishdip_llama
@@ -62,11 +62,12 @@ def edge_cases() -> dict:
             if rank == nan_on:
                 losses = torch.full_like(losses, float("nan"))
             model.base_model.step(losses, batch)
+            torch.optim.SGD([model.base_model.fishdip_state.values], lr=0.0).step()  # refreshes count these
 
     uniform = fishdip_llama(sample_aware=False)
-    distributed.sync_initial_state(uniform)
+    integrations.sync_initial_state(uniform)
     steps(uniform, 2)
-    results["uniform_keys"] = uniform.base_model._pool.keys()
+    results["uniform_keys"] = uniform.base_model.progress["default"].pool.keys()
     steps(uniform, 1)
     results["uniform_mask"] = uniform.base_model.mask.clone()
 

@@ -99,6 +99,6 @@ def test_with_rescoring_the_first_mask_and_every_refresh_use_the_rescored_sample
 
     plain, _, _ = mask_after(False)
     rescored, scored_at, tuner = mask_after(True)
-    assert scored_at == [1, 3, 5]  # the first mask, then every refresh (steps 3 and 5)
+    assert scored_at == [0, 2, 4]  # optimizer steps taken: the first mask, then every refresh
     assert not torch.equal(plain[0], rescored[0])  # the first mask comes from the training set, not the batch
     assert tuner.refresh_count == 3

@@ -9,7 +9,7 @@ import torch
 
 from fishdip_peft import FishDipTrainer, load_training_state, save_training_state
 from fishdip_peft.distributed import merge_pool_states
-from fishdip_peft.training import STATE_NAME
+from fishdip_peft.formats import STATE_NAME
 from tests.test_trainer import RowDataset, eligible_weights, fishdip_llama, one_thread, training_args  # noqa: F401
 
 
@@ -103,7 +103,7 @@ def test_loading_onto_a_trained_model_puts_its_training_back_first(tmp_path):
     load_training_state(fresh, str(tmp_path / "checkpoint-3"))
     assert torch.equal(eligible_weights(trainer.model), eligible_weights(fresh))
     assert torch.equal(trainer.fishdip_model.mask, fresh.base_model.mask)
-    assert fresh.base_model.step_count == saved["steps"] == 3
+    assert fresh.base_model.step_count == saved["adapters"]["default"]["progress"]["optimizer_steps"] == 3
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):

@@ -39,7 +39,7 @@ def test_rescoring_scores_every_sample_with_the_current_weights_at_each_refresh(
     spy = Spy(model.base_model)
     trainer = FishDipTrainer(model=model, args=training_args(tmp_path, steps=5), train_dataset=dataset, rescore=True)
     trainer.train()
-    assert [(step, count) for step, count, _ in spy.rescored] == [(1, 12), (3, 12), (5, 12)]
+    assert [(step, count) for step, count, _ in spy.rescored] == [(0, 12), (2, 12), (4, 12)]
     # After training, a fresh re-score ranks the 12 samples by their current losses: the top 3 of those.
     rows = [dataset[i] for i in range(12)]
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

@@ -198,7 +198,7 @@ def test_regressing_pool_keeps_the_highest_losses_across_batches():
         _, losses = forward_with_per_sample_losses(model, batch)
         model.step(losses, batch)
         seen += losses.tolist()
-    assert model.base_model._pool.losses() == sorted(seen, reverse=True)[:2]
+    assert model.base_model.pool_losses() == sorted(seen, reverse=True)[:2]
 
 
 def test_sample_unaware_pool_ignores_the_loss():

@@ -122,7 +122,10 @@ def make_schedule(optimizer, settings: TrainSettings):
 # -- checkpoints ------------------------------------------------------------------------------------
 def _trainable_state(model, params, fishdip: bool) -> dict[str, Any]:
     if fishdip:
-        return model.base_model.training_state_dict()
+        from fishdip_peft.formats import adapter_training_state
+
+        tuner = model.base_model
+        return {name: adapter_training_state(tuner, name) for name in tuner.sparse_adapters}
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)]: p.detach().cpu().clone() for p in params}
 
@@ -130,7 +133,7 @@ def _trainable_state(model, params, fishdip: bool) -> dict[str, Any]:
 @torch.no_grad()
 def _load_trainable_state(model, params, fishdip: bool, state: dict[str, Any]) -> None:
     if fishdip:
-        model.base_model.load_training_state_dict(state)
+        model.base_model.load_training_state({"adapters": state})
         return
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names[id(p)] for p in params if names[id(p)] not in state]

@@ -1,12 +1,14 @@
 """FISH-DIP with the Hugging Face Trainer: `FishDipTrainer` and `FishDipSeq2SeqTrainer`.
 
-Both are drop-in replacements for `Trainer` / `Seq2SeqTrainer` on a model built by
-`get_peft_model(model, FishDipConfig(...))`. On every training micro-batch the per-sample losses
-are computed from the logits the loss came from and the samples are pooled; on the first
-micro-batch of each optimizer step, between its forward and backward, `FishDipModel.step` counts
-the step and refreshes the mask when due, so `update_every` counts optimizer steps and a refresh
-never falls inside a gradient accumulation. Checkpoints hold `fishdip_state.pt`, from which
-training resumes exactly.
+FISH-DIP trains under the plain `Trainer` too (automatic mode: the per-sample losses come from the
+training forward passes, refreshes count optimizer steps). These drop-in replacements add:
+- exact resumption: checkpoints hold `fishdip_state.pt` (masks, pools, schedules) and
+  `resume_from_checkpoint` restores it;
+- re-scoring of the training set for the Fisher samples, as the FISH-DIP authors do (`rescore`);
+- `optim="adafactor"` as `SparseAdafactor` (transformers' Adafactor per weight tensor);
+- several processes: the model is placed but not wrapped in DDP, and the values' gradient is averaged
+  before clipping;
+- logs of the refresh count, K and the pooled losses.
 """
 
 from __future__ import annotations
@@ -21,55 +23,19 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import distributed
+from . import integrations
 from .adafactor import SparseAdafactor
-from .atomic import atomic_write
-from .distributed import fishdip_tuner
+from .formats import STATE_NAME, has_training_state, load_training_state, save_training_state
 from .losses import per_sample_losses_from_outputs
+from .lookup import fishdip_tuner
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "fishdip_state.pt"
-STATE_FORMAT = 1
 # Re-scoring the training set at a refresh costs about N forward passes; the m steps between refreshes
 # cost about 3 (forward + backward) x m x samples-per-step. "auto" re-scores when that is at most 10%.
 RESCORE_MAX_SHARE = 0.1
 ADAFACTOR_OPTIM_ARGS = {"scale_parameter": bool, "relative_step": bool, "warmup_init": bool,
                         "clip_threshold": float, "decay_rate": float}
-
-
-# -- checkpoint state --------------------------------------------------------------------------------
-def has_training_state(directory: Optional[str]) -> bool:
-    return directory is not None and os.path.isfile(os.path.join(directory, STATE_NAME))
-
-
-def save_training_state(model, directory: str, write: bool = True) -> None:
-    """Write `directory/fishdip_state.pt`: the mask, the trained values and weights, every process's
-    pool and the step counters. Every process must call it (the pools are gathered); only those with
-    `write=True` write. The file appears whole or not at all."""
-    tuner = fishdip_tuner(model)
-    state = tuner.training_state_dict()
-    state.pop("pool")
-    state["pools"] = distributed.gather_pool_states(tuner)
-    state["format"] = STATE_FORMAT
-    if write:
-        os.makedirs(directory, exist_ok=True)
-        atomic_write(os.path.join(directory, STATE_NAME), lambda tmp_path: torch.save(state, tmp_path))
-
-
-def load_training_state(model, directory: str) -> None:
-    """Restore what `save_training_state` wrote into `directory` (see `FishDipModel.load_training_state_dict`)."""
-    tuner = fishdip_tuner(model)
-    path = os.path.join(directory, STATE_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: this checkpoint was not written by FishDipTrainer.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} has format {state.get('format')!r}; this version reads format {STATE_FORMAT}.")
-    state["pool"] = distributed.pool_state_for_this_process(
-        state.pop("pools"), tuner.peft_config[tuner.active_adapter].num_regressing
-    )
-    tuner.load_training_state_dict(state)
 
 
 def _parse_adafactor_args(optim_args: Optional[str]) -> dict[str, Any]:
@@ -116,14 +82,7 @@ class FishDipTrainerMixin:
                 "FISH-DIP does not run under torch.nn.DataParallel (one process, several GPUs): launch one "
                 "process per GPU with `accelerate launch` or torchrun instead."
             )
-        checkpointing = self.args.gradient_checkpointing_kwargs or {}
-        if self.args.gradient_checkpointing and checkpointing.get("use_reentrant", True) is False:
-            raise ValueError(
-                "FISH-DIP supports gradient checkpointing with use_reentrant=True (the default) only: the mask "
-                "may change between the forward pass and its recomputation, which non-reentrant checkpointing rejects."
-            )
-        self._fishdip_counted_step: Optional[int] = None
-        self._fishdip_in_training_step = False
+        self.fishdip_model.set_per_sample_losses(self.per_sample_losses)
 
     @property
     def fishdip_model(self):
@@ -132,8 +91,8 @@ class FishDipTrainerMixin:
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        distributed.check_accelerator(self.accelerator)
-        distributed.keep_fishdip_models_unwrapped(self.accelerator)
+        integrations.check_accelerator(self.accelerator)
+        integrations.keep_fishdip_models_unwrapped(self.accelerator)
 
     def create_optimizer(self):
         """`optim="adafactor"` trains with `SparseAdafactor` (transformers' Adafactor per weight tensor,
@@ -148,10 +107,9 @@ class FishDipTrainerMixin:
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         super().create_optimizer_and_scheduler(num_training_steps)
-        distributed.register_optimizer(self.model, self.optimizer)
+        integrations.register_optimizer(self.model, self.optimizer)
 
     def train(self, *args, **kwargs):
-        self._fishdip_counted_step = None
         if self._fishdip_rescoring_on():
             self.fishdip_model.set_rescoring(
                 self._fishdip_rescoring_batches, lambda model, outputs, batch: self.per_sample_losses(model, outputs, batch)
@@ -169,7 +127,8 @@ class FishDipTrainerMixin:
             return True
         if self.fishdip_rescore is False or not sized:
             return False
-        config = self.fishdip_model.peft_config[self.fishdip_model.active_adapter]
+        tuner = self.fishdip_model
+        config = tuner.peft_config[tuner._single_active()]
         per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return len(self.train_dataset) <= RESCORE_MAX_SHARE * 3 * config.update_every * per_step
 
@@ -185,41 +144,15 @@ class FishDipTrainerMixin:
 
     # -- the step ------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._fishdip_in_training_step = True
-        try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._fishdip_in_training_step = False
+        loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
-            distributed.sync_gradients(self.model)
+            integrations.sync_gradients(self.model)
         return loss
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self._fishdip_in_training_step:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        if "labels" not in inputs:
-            raise ValueError("FISH-DIP ranks samples by their loss: the training batches need `labels`.")
-        batch = dict(inputs)
-        loss, outputs = super().compute_loss(
-            model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
-        self._fishdip_record(self.per_sample_losses(model, outputs, batch), batch)
-        return (loss, outputs) if return_outputs else loss
 
     def per_sample_losses(self, model, outputs, batch: Mapping[str, Any]) -> torch.Tensor:
         """One loss per sample of `batch`, used to pool the highest-loss samples. Override for models
         whose outputs `per_sample_losses_from_outputs` does not handle."""
         return per_sample_losses_from_outputs(model, outputs, batch["labels"])
-
-    def _fishdip_record(self, losses: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        tuner = self.fishdip_model
-        if self._fishdip_counted_step != self.state.global_step:
-            self._fishdip_counted_step = self.state.global_step
-            tuner.step(losses, batch)
-        else:
-            tuner.offer(losses, batch)
 
     # -- logging -------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

@@ -1,0 +1,236 @@
+"""FISH-DIP's two file formats: the adapter file (sparse deltas) and the resumable training state.
+
+**Adapter file** (`adapter_model.safetensors`, written by `PeftModel.save_pretrained`). For each weight
+with changed or trainable entries, under `base_model.model.<weight name>.`:
+- `fishdip_indices`: sorted flat positions (int32, or int64 for tensors of 2**31 entries or more);
+- `fishdip_deltas`: trained value minus base value at those positions (`delta_dtype`);
+- `fishdip_selected`: which of those positions are trainable now (bits, packed little-endian in uint8),
+  so that `from_pretrained(..., is_trainable=True)` resumes with the same mask;
+- `fishdip_shape`: the weight's shape (int64);
+- `fishdip_fingerprint`: SHA-256 of the base values at those positions (rounded to bfloat16, so an
+  adapter trained on a float32 base also loads onto the same base in bfloat16).
+Loading checks every tensor's shape and fingerprint before it changes any weight.
+
+**Training state** (`fishdip_state.pt`): per adapter the mask, the trained values, the base values it
+replaced, the pool and the refresh schedule; `save_training_state` / `load_training_state` work with the
+Trainer's checkpoints and in a custom loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import torch
+
+from . import distributed
+from .atomic import atomic_write
+from .lookup import fishdip_tuner
+
+KEY_PREFIX = "base_model.model."
+FIELDS = ("fishdip_indices", "fishdip_deltas", "fishdip_selected", "fishdip_shape", "fishdip_fingerprint")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_NAME = "fishdip_state.pt"
+STATE_FORMAT = 2
+
+
+def fingerprint(base_values: torch.Tensor) -> torch.Tensor:
+    data = base_values.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    return torch.frombuffer(bytearray(hashlib.sha256(data).digest()), dtype=torch.uint8)
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    padded = torch.zeros(-(-flags.numel() // 8) * 8, dtype=torch.uint8)
+    padded[: flags.numel()] = flags.to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    bits = (packed.to(torch.uint8).view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.view(-1)[:count].bool()
+
+
+# -- adapter file ---------------------------------------------------------------------------------------
+def write_next_adapter_file_atomically() -> None:
+    """Make the next `safetensors` write of `PeftModel.save_pretrained` atomic, if it writes FISH-DIP tensors.
+
+    peft writes `adapter_model.safetensors` in place, so an interrupted save would leave a truncated file.
+    Called as peft collects a FISH-DIP adapter's tensors (just before it writes them), this swaps peft's
+    writer for a one-shot one that restores it at once and writes to a temporary file renamed over the
+    target. Any other write goes to peft's writer unchanged; nothing stays patched after the save
+    (`FishDipConfig.save_pretrained`, which peft calls next, disarms it in any case).
+    """
+    import peft.peft_model as peft_model
+
+    original = peft_model.safe_save_file
+    if getattr(original, "fishdip_one_shot", False):
+        return
+
+    def one_shot(tensors, filename, metadata=None):
+        disarm_adapter_file_writer()
+        if not any(key.rpartition(".")[2] in FIELDS for key in tensors):
+            return original(tensors, filename, metadata=metadata)
+        from safetensors import torch as safetensors_torch
+
+        atomic_write(filename, lambda tmp: safetensors_torch.save_file(tensors, tmp, metadata=metadata))
+
+    one_shot.fishdip_one_shot = True
+    one_shot.original = original
+    peft_model.safe_save_file = one_shot
+
+
+def disarm_adapter_file_writer() -> None:
+    import peft.peft_model as peft_model
+
+    writer = peft_model.safe_save_file
+    if getattr(writer, "fishdip_one_shot", False):
+        peft_model.safe_save_file = writer.original
+
+
+def adapter_state_dict(adapter, delta_dtype: str) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors for a `SparseAdapter`: entries whose value changed, and trainable ones."""
+    adapter.write_back()
+    tensors = {}
+    for slot in adapter.slots:
+        if slot.touched.numel() == 0:
+            continue
+        delta = adapter.trained_values_at_touched(slot) - slot.base.float()
+        selected = torch.zeros(slot.touched.numel(), dtype=torch.bool, device=delta.device)
+        if slot.index.numel():
+            selected[torch.searchsorted(slot.touched, slot.index)] = True
+        keep = (delta != 0) | selected
+        if not bool(keep.any()):
+            continue
+        key = KEY_PREFIX + slot.name
+        tensors[f"{key}.fishdip_indices"] = slot.touched[keep].to("cpu", _index_dtype(slot.numel))
+        tensors[f"{key}.fishdip_deltas"] = delta[keep].to("cpu", DTYPES[delta_dtype])
+        tensors[f"{key}.fishdip_selected"] = pack_bits(selected[keep].cpu())
+        tensors[f"{key}.fishdip_shape"] = torch.tensor(list(slot.param.shape), dtype=torch.int64)
+        tensors[f"{key}.fishdip_fingerprint"] = fingerprint(slot.base[keep])
+    return tensors
+
+
+def _group_by_weight(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, field = key.rpartition(".")
+        if field not in FIELDS or not name.startswith(KEY_PREFIX):
+            raise ValueError(f"'{key}' is not a FISH-DIP sparse-delta entry; is this a FISH-DIP adapter file?")
+        groups.setdefault(name[len(KEY_PREFIX) :], {})[field] = tensor
+    return groups
+
+
+def apply_adapter_state_dict(adapter, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Add the file's deltas to the weights (the adapter must be in the weights, with nothing touched
+    yet). Returns, per slot, the trainable positions the file records. Every check runs before the
+    first weight changes."""
+    entries = [_checked_entry(adapter, name, group) for name, group in _group_by_weight(tensors).items()]
+    plan = []
+    for slot, positions, deltas, selected, saved_fingerprint in entries:
+        base = slot.flat[positions]
+        if not torch.equal(fingerprint(base), saved_fingerprint.to(torch.uint8)):
+            raise ValueError(
+                f"the base values of '{slot.name}' differ from those the adapter was trained on: this is not the "
+                "adapter's base model (or the model was already modified). Nothing was changed."
+            )
+        plan.append((slot, positions, base, deltas, selected))
+    selection = {id(slot): torch.empty(0, dtype=torch.int64, device=slot.param.device) for slot in adapter.slots}
+    with torch.no_grad():
+        for slot, positions, base, deltas, selected in plan:
+            slot.record_base(positions)
+            updated = base.float() + deltas.to(slot.param.device, torch.float32)
+            slot.flat.index_copy_(0, positions, updated.to(slot.param.dtype))
+            selection[id(slot)] = positions[selected.to(positions.device)]
+    return [selection[id(slot)] for slot in adapter.slots]
+
+
+def _checked_entry(adapter, name: str, group: dict[str, torch.Tensor]):
+    """The slot, positions, deltas and trainable flags of one weight's entry, after checking them."""
+    missing = [f for f in FIELDS if f not in group]
+    if missing:
+        raise ValueError(f"the adapter entry for '{name}' lacks {missing}; the file is incomplete.")
+    slot = next((s for s in adapter.slots if s.name == name), None)
+    if slot is None:
+        raise ValueError(
+            f"the adapter changes '{name}', which is not an eligible weight of this model. Load it onto "
+            "the base model it was trained from, with the same target_modules/exclude_modules."
+        )
+    shape = tuple(group["fishdip_shape"].tolist())
+    if shape != tuple(slot.param.shape):
+        raise ValueError(
+            f"'{name}' has shape {tuple(slot.param.shape)} here but {shape} in the adapter: the adapter was "
+            "trained on a different base model."
+        )
+    positions, deltas = group["fishdip_indices"].to(torch.int64), group["fishdip_deltas"]
+    if positions.dim() != 1 or positions.shape != deltas.shape:
+        raise ValueError(f"'{name}': indices and deltas must be 1-D of the same length.")
+    if positions.numel() and (
+        positions.min() < 0 or positions.max() >= slot.numel or bool((positions[1:] <= positions[:-1]).any())
+    ):
+        raise ValueError(f"'{name}': indices must be sorted, unique and inside the tensor.")
+    if group["fishdip_selected"].numel() != -(-positions.numel() // 8):
+        raise ValueError(f"'{name}': fishdip_selected must hold one bit per index.")
+    selected = unpack_bits(group["fishdip_selected"], positions.numel())
+    slot.follow_device()
+    return slot, positions.to(slot.param.device), deltas, selected, group["fishdip_fingerprint"]
+
+
+# -- training state ---------------------------------------------------------------------------------------
+def adapter_training_state(tuner, name: str) -> dict[str, Any]:
+    """What one adapter needs to resume exactly: the mask, values, touched entries, pool, schedule."""
+    adapter, progress = tuner.sparse_adapters[name], tuner.progress[name]
+    adapter.write_back()
+    for slot in adapter.slots:
+        slot.follow_device()
+    return {
+        "progress": progress.state_dict(),
+        "pools": distributed.gather_pool_states(progress.pool),
+        "index": [slot.index.cpu() for slot in adapter.slots],
+        "touched": [slot.touched.cpu() for slot in adapter.slots],
+        "base": [slot.base.cpu() for slot in adapter.slots],
+        "trained": [adapter.trained_values_at_touched(slot).to(slot.param.dtype).cpu() for slot in adapter.slots],
+        "values": adapter.values.detach().cpu().clone(),
+        "names": [slot.name for slot in adapter.slots],
+        "shapes": [tuple(slot.param.shape) for slot in adapter.slots],
+    }
+
+
+def save_training_state(model, directory: str, write: bool = True) -> None:
+    """Write `directory/fishdip_state.pt` for every adapter of `model`. Every process must call it (the
+    pools are gathered); only those with `write=True` write. The file appears whole or not at all."""
+    tuner = fishdip_tuner(model)
+    state = {"format": STATE_FORMAT, "active_adapter": tuner.active_adapter,
+             "adapters": {name: adapter_training_state(tuner, name) for name in tuner.sparse_adapters}}
+    if write:
+        os.makedirs(directory, exist_ok=True)
+        atomic_write(os.path.join(directory, STATE_NAME), lambda tmp_path: torch.save(state, tmp_path))
+
+
+def read_training_state(path: str) -> dict[str, Any]:
+    """The content of a training-state file, or a clear error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: this checkpoint holds no FISH-DIP training state.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable FISH-DIP training state ({type(error).__name__}: {error}); "
+                         "resume from another checkpoint.") from error
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} has format {found!r}; this version reads format {STATE_FORMAT}.")
+    return state
+
+
+def load_training_state(model, directory: str) -> None:
+    """Restore what `save_training_state` wrote into `directory` (see `FishDipModel.load_training_state`)."""
+    fishdip_tuner(model).load_training_state(read_training_state(os.path.join(directory, STATE_NAME)))
+
+
+def has_training_state(directory) -> bool:
+    return directory is not None and os.path.isfile(os.path.join(directory, STATE_NAME))

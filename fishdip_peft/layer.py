@@ -1,0 +1,47 @@
+"""The one adapter "layer" of a FISH-DIP model: the holder of every adapter's trainable values.
+
+FISH-DIP replaces no module (its trained entries live in the weights themselves), but peft reports a
+model's adapters through its tuner layers (`get_model_status`, `disable_adapter`). This module is that
+layer: it holds `fishdip_values[adapter_name]` and mirrors the tuner's active, merged and disabled
+adapters. It wraps no base layer, so the weight-related parts of `BaseTunerLayer` do not apply.
+"""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+class FishDipLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("fishdip_values",)
+    other_param_names = ()
+
+    def __init__(self, adapter_name: str):
+        super().__init__()
+        self.fishdip_values = nn.ParameterDict()
+        self._active_adapter = adapter_name
+        self.merged_adapters = []
+        self._disable_adapters = False
+
+    def get_base_layer(self) -> nn.Module:
+        return self
+
+    @property
+    def weight(self):
+        raise AttributeError("FISH-DIP trains entries of the model's own weights; its layer has no weight.")
+
+    @property
+    def bias(self):
+        raise AttributeError("FISH-DIP trains entries of the model's own weights; its layer has no bias.")
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        pass  # the values follow the weights they train (see `sparse.Slot.follow_device`)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        self._active_adapter = adapter_names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("FishDipLayer holds values only; run the model instead.")
