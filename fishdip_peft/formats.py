@@ -9,7 +9,10 @@ with changed or trainable entries, under `base_model.model.<weight name>.`:
 - `fishdip_shape`: the weight's shape (int64);
 - `fishdip_fingerprint`: SHA-256 of the base values at those positions (rounded to bfloat16, so an
   adapter trained on a float32 base also loads onto the same base in bfloat16).
-Loading checks every tensor's shape and fingerprint before it changes any weight.
+A `base_model.model.fishdip_manifest` (SHA-256 of every other tensor of the file) makes a file with a
+tensor edited, removed or added refuse to load. Loading checks the manifest and every tensor's shape,
+indices, deltas and fingerprint before it changes any weight. (Files written before the trainable flags
+and the manifest existed load too, without a mask.)
 
 **Training state** (`fishdip_state.pt`): per adapter the mask, the trained values, the base values it
 replaced, the pool and the refresh schedule; `save_training_state` / `load_training_state` work with the
@@ -30,6 +33,8 @@ from .lookup import fishdip_tuner
 
 KEY_PREFIX = "base_model.model."
 FIELDS = ("fishdip_indices", "fishdip_deltas", "fishdip_selected", "fishdip_shape", "fishdip_fingerprint")
+REQUIRED_FIELDS = ("fishdip_indices", "fishdip_deltas", "fishdip_shape", "fishdip_fingerprint")
+MANIFEST_KEY = KEY_PREFIX + "fishdip_manifest"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_NAME = "fishdip_state.pt"
 STATE_FORMAT = 2
@@ -113,12 +118,37 @@ def adapter_state_dict(adapter, delta_dtype: str) -> dict[str, torch.Tensor]:
         tensors[f"{key}.fishdip_selected"] = pack_bits(selected[keep].cpu())
         tensors[f"{key}.fishdip_shape"] = torch.tensor(list(slot.param.shape), dtype=torch.int64)
         tensors[f"{key}.fishdip_fingerprint"] = fingerprint(slot.base[keep])
+    if tensors:
+        tensors[MANIFEST_KEY] = manifest(tensors)
     return tensors
+
+
+def manifest(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (the manifest itself excluded)."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in tensors if k != MANIFEST_KEY):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+def check_manifest(tensors: dict[str, torch.Tensor]) -> None:
+    if MANIFEST_KEY not in tensors:
+        return
+    if not torch.equal(manifest(tensors), tensors[MANIFEST_KEY].to(torch.uint8).cpu()):
+        raise ValueError(
+            "the adapter file does not match its manifest: a tensor was edited, removed or added after it was "
+            "saved (or the file is from a partial copy). Save the adapter again or use an intact copy. Nothing "
+            "was changed."
+        )
 
 
 def _group_by_weight(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if key == MANIFEST_KEY:
+            continue
         name, _, field = key.rpartition(".")
         if field not in FIELDS or not name.startswith(KEY_PREFIX):
             raise ValueError(f"'{key}' is not a FISH-DIP sparse-delta entry; is this a FISH-DIP adapter file?")
@@ -130,6 +160,7 @@ def apply_adapter_state_dict(adapter, tensors: dict[str, torch.Tensor]) -> list[
     """Add the file's deltas to the weights (the adapter must be in the weights, with nothing touched
     yet). Returns, per slot, the trainable positions the file records. Every check runs before the
     first weight changes."""
+    check_manifest(tensors)
     entries = [_checked_entry(adapter, name, group) for name, group in _group_by_weight(tensors).items()]
     plan = []
     for slot, positions, deltas, selected, saved_fingerprint in entries:
@@ -152,7 +183,7 @@ def apply_adapter_state_dict(adapter, tensors: dict[str, torch.Tensor]) -> list[
 
 def _checked_entry(adapter, name: str, group: dict[str, torch.Tensor]):
     """The slot, positions, deltas and trainable flags of one weight's entry, after checking them."""
-    missing = [f for f in FIELDS if f not in group]
+    missing = [f for f in REQUIRED_FIELDS if f not in group]
     if missing:
         raise ValueError(f"the adapter entry for '{name}' lacks {missing}; the file is incomplete.")
     slot = next((s for s in adapter.slots if s.name == name), None)
@@ -167,16 +198,27 @@ def _checked_entry(adapter, name: str, group: dict[str, torch.Tensor]):
             f"'{name}' has shape {tuple(slot.param.shape)} here but {shape} in the adapter: the adapter was "
             "trained on a different base model."
         )
+    if group["fishdip_indices"].dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"'{name}': fishdip_indices must be int32 or int64, got {group['fishdip_indices'].dtype}.")
     positions, deltas = group["fishdip_indices"].to(torch.int64), group["fishdip_deltas"]
     if positions.dim() != 1 or positions.shape != deltas.shape:
         raise ValueError(f"'{name}': indices and deltas must be 1-D of the same length.")
+    if not deltas.is_floating_point():
+        raise ValueError(f"'{name}': fishdip_deltas must be floating point, got {deltas.dtype}.")
+    if not bool(torch.isfinite(deltas).all()):
+        raise ValueError(f"'{name}': fishdip_deltas holds NaN or infinite values; the adapter is corrupt.")
     if positions.numel() and (
         positions.min() < 0 or positions.max() >= slot.numel or bool((positions[1:] <= positions[:-1]).any())
     ):
         raise ValueError(f"'{name}': indices must be sorted, unique and inside the tensor.")
-    if group["fishdip_selected"].numel() != -(-positions.numel() // 8):
-        raise ValueError(f"'{name}': fishdip_selected must hold one bit per index.")
-    selected = unpack_bits(group["fishdip_selected"], positions.numel())
+    selected = torch.zeros(positions.numel(), dtype=torch.bool)
+    if "fishdip_selected" in group:
+        flags = group["fishdip_selected"]
+        if flags.dtype != torch.uint8 or flags.dim() != 1 or flags.numel() != -(-positions.numel() // 8):
+            raise ValueError(f"'{name}': fishdip_selected must hold one bit per index (uint8, packed).")
+        selected = unpack_bits(flags, positions.numel())
+    if group["fishdip_fingerprint"].numel() != 32:
+        raise ValueError(f"'{name}': fishdip_fingerprint must be a SHA-256 digest (32 bytes).")
     slot.follow_device()
     return slot, positions.to(slot.param.device), deltas, selected, group["fishdip_fingerprint"]
 

@@ -8,6 +8,7 @@ adapters. It wraps no base layer, so the weight-related parts of `BaseTunerLayer
 
 from __future__ import annotations
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -22,6 +23,16 @@ class FishDipLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self._disable_adapters = False
+
+    def _apply(self, fn, recurse=True):
+        """`.to(...)`, `.cuda()`, `.half()`: the values follow the device but stay float32 (the weights they
+        train may be cast to any dtype; the trained values keep their precision)."""
+        kept = {name: value.detach().clone() for name, value in self.fishdip_values.items()}
+        super()._apply(fn, recurse)
+        for name, value in self.fishdip_values.items():
+            if value.dtype != torch.float32:
+                value.data = kept[name].to(value.device)
+        return self
 
     def get_base_layer(self) -> nn.Module:
         return self

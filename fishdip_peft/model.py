@@ -74,6 +74,7 @@ class FishDipModel(BaseTuner):
     """
 
     is_fishdip_tuner = True
+    uses_shared_state = True  # masks, pools and schedules live on the tuner: peft refuses inject_adapter_in_model
     prefix: str = "fishdip_"
     tuner_layer_cls = nn.Module  # FISH-DIP replaces no layer: the trained entries live in the weights
     target_module_mapping: dict = {}
@@ -287,6 +288,10 @@ class FishDipModel(BaseTuner):
     def _before_optimizer_step(self, optimizer) -> None:
         for name, adapter in self.sparse_adapters.items():
             if adapter.values.requires_grad and adapter.holds_values(optimizer) and not adapter.has_selection:
+                if self.progress[name].attempts:
+                    warnings.warn(f"FISH-DIP adapter '{name}' has no mask yet (its first refresh was skipped: see the "
+                                  "warning above), so this optimizer step trains nothing; it retries at the next step.")
+                    continue
                 raise RuntimeError(
                     f"FISH-DIP adapter '{name}' has no mask yet, so this optimizer step would train nothing. "
                     "FISH-DIP builds its mask by itself from training forward passes that carry `labels` "
@@ -405,10 +410,19 @@ class FishDipModel(BaseTuner):
         name = self._single_active()
         self._check_trainable(name)
         adapter, progress = self.sparse_adapters[name], self.progress[name]
+        progress.attempts += 1
         if progress.rescoring is not None:
             batches, losses_fn = progress.rescoring
             self.rescore(batches() if callable(batches) else batches, losses_fn)
         params = [slot.param for slot in adapter.slots]
+        pooled = progress.pool.state_dict()
+        try:
+            return self._refresh_from_pool(adapter, progress, params)
+        except BaseException:
+            progress.pool.load_state_dict(pooled)  # a failed refresh leaves the pool as it was
+            raise
+
+    def _refresh_from_pool(self, adapter: SparseAdapter, progress: AdapterProgress, params) -> bool:
         if distributed.is_multi_process():
             samples, total = distributed.my_share_of_pool(progress.pool, adapter.values.device)
         else:
@@ -572,12 +586,30 @@ class FishDipModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = fishdip_tuner(model)
-        ours = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] in formats.FIELDS}
+        ours = {k: v for k, v in state_dict.items()
+                if k.rpartition(".")[2] in formats.FIELDS or k == formats.MANIFEST_KEY}
         others = {k: v for k, v in state_dict.items() if k not in ours}  # e.g. modules_to_save copies
-        tuner.load_adapter_deltas(adapter_name, ours)
+        try:
+            tuner.load_adapter_deltas(adapter_name, ours)
+        except Exception:
+            tuner._forget_refused_adapter(adapter_name)
+            raise
         # The deltas are now in the weights; peft's load_state_dict gets `values` itself, left as it is.
         values_key = next(n for n, p in model.named_parameters() if p is tuner.fishdip_values[adapter_name])
         return {**others, values_key: tuner.fishdip_values[adapter_name]}
+
+    def _forget_refused_adapter(self, adapter_name: str) -> None:
+        """After a refused load: drop the adapter; if it was the only one, leave the base model exactly as it
+        was before peft wrapped it (no hooks, its own requires_grad flags, no peft_config attribute)."""
+        if len(self.sparse_adapters) > 1:
+            self.delete_adapter(adapter_name)
+            return
+        for adapter in self.sparse_adapters.values():
+            adapter.remove_from_weights()
+        original = self._original_requires_grad or {}
+        self._detach()
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(original.get(name, param.requires_grad))
 
     def load_adapter_deltas(self, adapter_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Apply an adapter file's deltas to `adapter_name` (fresh, nothing touched) and restore its mask."""

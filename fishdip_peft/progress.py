@@ -21,6 +21,7 @@ class AdapterProgress:
     pool: RegressingPool
     optimizer_steps: int = 0
     refreshes: int = 0
+    attempts: int = 0  # refreshes tried, including skipped ones
     last_refresh_step: Optional[int] = None  # the optimizer-step count at the last refresh
     forwards_since_step: int = 0  # training forwards since the last optimizer step
     manual: bool = False  # `step()` was called: the training loop drives the pool and the refreshes
@@ -38,12 +39,13 @@ class AdapterProgress:
         self.last_refresh_step = self.optimizer_steps
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer_steps": self.optimizer_steps, "refreshes": self.refreshes,
+        return {"optimizer_steps": self.optimizer_steps, "refreshes": self.refreshes, "attempts": self.attempts,
                 "last_refresh_step": self.last_refresh_step, "manual": self.manual}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer_steps = int(state["optimizer_steps"])
         self.refreshes = int(state["refreshes"])
+        self.attempts = int(state["attempts"])
         self.last_refresh_step = None if state["last_refresh_step"] is None else int(state["last_refresh_step"])
         self.manual = bool(state["manual"])
         self.forwards_since_step = 0

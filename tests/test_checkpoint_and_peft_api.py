@@ -59,6 +59,9 @@ def test_file_holds_only_sparse_entries_of_changed_weights(tmp_path):
     stored = 0
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
         for key in f.keys():
+            if key == "base_model.model.fishdip_manifest":  # SHA-256 of the other tensors
+                assert f.get_tensor(key).numel() == 32
+                continue
             name, _, field = key.rpartition(".")
             assert name.startswith("base_model.model.") and field.startswith("fishdip_")
             tensor = f.get_tensor(key)
@@ -80,7 +83,7 @@ def test_payload_is_eight_bytes_per_changed_entry(tmp_path):
     payload = os.path.getsize(path) - 8 - header_length
     tensors = _tensors(path)
     shapes = {k: t.numel() for k, t in tensors.items() if k.endswith("fishdip_shape")}
-    per_tensor = sum(32 + 8 * ndim for ndim in shapes.values())  # fingerprint + shape
+    per_tensor = sum(32 + 8 * ndim for ndim in shapes.values()) + 32  # fingerprint + shape, and the manifest
     flags = sum(t.numel() for k, t in tensors.items() if k.endswith("fishdip_selected"))  # 1 bit per entry
     changed = changed_entries(model, tiny_llama)
     assert flags == sum(-(-t.numel() // 8) for k, t in tensors.items() if k.endswith("fishdip_indices"))
@@ -239,7 +242,8 @@ def test_encoder_classifier_trains_a_dense_head_beside_the_sparse_body_and_round
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert {k.rsplit(".", 1)[1] for k in keys if "fishdip_" in k} == {
-        "fishdip_deltas", "fishdip_indices", "fishdip_selected", "fishdip_shape", "fishdip_fingerprint"}
+        "fishdip_deltas", "fishdip_indices", "fishdip_selected", "fishdip_shape", "fishdip_fingerprint",
+        "fishdip_manifest"}
     assert {k for k in keys if "classifier" in k} == {"base_model.model.classifier.weight",
                                                       "base_model.model.classifier.bias"}
     model.eval()
