@@ -1,0 +1,111 @@
+"""Several FISH-DIP adapters on one model, the peft way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from fishdip_peft import FishDipConfig
+from tests.models import causal_batch, tiny_llama
+
+CONFIG = dict(density=0.05, update_every=2, num_regressing=3)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def train(model, steps, offset=0):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(steps):
+        model(**causal_batch(offset + step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Two adapters trained on different data, saved to their own folders, and the logits of each one
+    loaded alone."""
+    folders, outputs = {}, {}
+    for name, offset in (("a", 0), ("b", 100)):
+        model = get_peft_model(tiny_llama(), FishDipConfig(seed=offset, **CONFIG))
+        train(model, 3, offset)
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name])
+        outputs[name] = logits(PeftModel.from_pretrained(tiny_llama(), folders[name]), causal_batch(7))
+    return folders, outputs
+
+
+def two_adapters(saved):
+    folders, _ = saved
+    model = PeftModel.from_pretrained(tiny_llama(), folders["a"], adapter_name="a")
+    model.load_adapter(folders["b"], adapter_name="b")
+    return model
+
+
+def test_switching_adapters_gives_each_ones_logits_bit_for_bit(saved):
+    _, outputs = saved
+    model = two_adapters(saved)
+    batch = causal_batch(7)
+    assert torch.equal(logits(model, batch), outputs["a"])  # loading b left a active and untouched
+    model.set_adapter("b")
+    assert torch.equal(logits(model, batch), outputs["b"])
+    model.set_adapter("a")
+    assert torch.equal(logits(model, batch), outputs["a"])
+    with model.disable_adapter():
+        assert torch.equal(logits(model, batch), logits(tiny_llama(), batch))
+    assert torch.equal(logits(model, batch), outputs["a"])
+
+
+def test_training_one_adapter_leaves_the_other_untouched(saved):
+    _, outputs = saved
+    model = two_adapters(saved)
+    model.set_adapter("b")  # trainable again after set_adapter
+    train(model, 2, offset=50)
+    assert model.base_model.progress["a"].optimizer_steps == 0
+    assert model.base_model.progress["b"].optimizer_steps == 2
+    model.set_adapter("a")
+    assert torch.equal(logits(model, causal_batch(7)), outputs["a"])
+
+
+def test_delete_adapter(saved):
+    _, outputs = saved
+    model = two_adapters(saved)
+    model.delete_adapter("a")
+    assert list(model.peft_config) == ["b"] and model.active_adapters == ["b"]
+    assert torch.equal(logits(model, causal_batch(7)), outputs["b"])
+    model.delete_adapter("b")  # the last one: the base model's weights are back
+    assert torch.equal(logits(model.base_model.model, causal_batch(7)), logits(tiny_llama(), causal_batch(7)))
+
+
+def test_weighted_combination_saves_and_reloads_like_any_adapter(saved, tmp_path):
+    model = two_adapters(saved)
+    model.base_model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab")
+    model.set_adapter("ab")
+    combined = logits(model, causal_batch(7))
+    # the combination's deltas are the weighted sum of the two adapters' deltas
+    base = dict(tiny_llama().named_parameters())
+    weights = {}
+    for name in ("a", "b", "ab"):
+        model.set_adapter(name)
+        weights[name] = {n: p.detach().clone() for n, p in model.base_model.eligible_parameters()}
+    for n, w in weights["ab"].items():
+        expected = base[n] + 0.5 * (weights["a"][n] - base[n]) + 0.5 * (weights["b"][n] - base[n])
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-6)
+    model.save_pretrained(tmp_path, selected_adapters=["ab"])
+    folder = tmp_path / "ab"
+    reloaded = PeftModel.from_pretrained(tiny_llama(), folder)
+    torch.testing.assert_close(logits(reloaded, causal_batch(7)), combined, rtol=0, atol=1e-5)
+
+
+def test_one_active_adapter_at_a_time(saved):
+    model = two_adapters(saved)
+    with pytest.raises(ValueError, match="one active adapter"):
+        model.base_model.set_adapter(["a", "b"])
+    with pytest.raises(ValueError, match="not found"):
+        model.set_adapter("c")
