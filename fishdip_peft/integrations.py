@@ -64,6 +64,7 @@ def sync_initial_state(model: nn.Module) -> None:
     if not distributed.is_multi_process():
         return
     tuner = fishdip_tuner(model)
+    tuner.prepared_for_processes = True
     distributed.broadcast_parameters_and_buffers(model)
     for name, adapter in tuner.sparse_adapters.items():
         adapter.write_back(force=True)

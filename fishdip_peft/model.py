@@ -95,6 +95,7 @@ class FishDipModel(BaseTuner):
         self._computing_fisher = False
         self._original_requires_grad: Optional[dict[str, bool]] = None
         self._per_sample_losses: Callable = per_sample_losses_from_outputs
+        self.prepared_for_processes = False  # set by integrations.sync_initial_state
         this = weakref.ref(self)
         self._taps = TapSet(lambda: (lambda tuner: tuner._tap_target() if tuner is not None else None)(this()))
         self._handles: list = []
@@ -276,6 +277,7 @@ class FishDipModel(BaseTuner):
         progress = self.progress[name]
         if progress.manual:
             return
+        self._check_processes()
         batch = _model_inputs(self.model, args, kwargs)
         if "labels" not in batch:
             return
@@ -323,6 +325,7 @@ class FishDipModel(BaseTuner):
         """
         name = self._single_active()
         self._check_trainable(name)
+        self._check_processes()
         self.progress[name].manual = True
         self.offer(losses, batch)
         return self._refresh_if_due(name)
@@ -348,6 +351,15 @@ class FishDipModel(BaseTuner):
             keep = torch.nonzero(finite).flatten()
             pooled = batch if bool(finite.all()) else _select_rows(batch, keep, size)
             self.progress[self._single_active()].pool.offer(losses.detach()[keep], pooled)
+
+    def _check_processes(self) -> None:
+        if distributed.is_multi_process() and not self.prepared_for_processes:
+            raise RuntimeError(
+                "FISH-DIP runs in several processes only through FishDipTrainer or "
+                "fishdip_peft.prepare_with_accelerator(accelerator, model, optimizer, ...): its values get their "
+                "gradient outside autograd, which DistributedDataParallel cannot average, so the model must stay "
+                "unwrapped. Use FishDipTrainer in place of Trainer (or SFTTrainer's model with FishDipTrainer)."
+            )
 
     def _check_trainable(self, name: str) -> None:
         if self._disabled:

@@ -72,12 +72,14 @@ def edge_cases() -> dict:
     results["uniform_mask"] = uniform.base_model.mask.clone()
 
     lonely = fishdip_llama()
+    integrations.sync_initial_state(lonely)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         steps(lonely, 1, nan_on=1)
     results["lonely"] = (lonely.base_model.refresh_count, lonely.base_model.mask.clone())
 
     failing = fishdip_llama()
+    integrations.sync_initial_state(failing)
     steps(failing, 1)
     original = fishdip_model.empirical_fisher
     if rank == 1:
@@ -90,6 +92,13 @@ def edge_cases() -> dict:
     fishdip_model.empirical_fisher = original
     results["failing"] = (failing.base_model.refresh_count, failing.base_model.mask.clone(),
                           any("not finite" in str(w.message) for w in caught))
+    unprepared = fishdip_llama()  # e.g. the plain Trainer, which would wrap it in DDP
+    unprepared.train()
+    try:
+        unprepared(**causal_batch(0))
+        results["unprepared"] = "ran"
+    except RuntimeError as error:
+        results["unprepared"] = "refused" if "FishDipTrainer" in str(error) else str(error)
     return results
 
 
@@ -142,6 +151,7 @@ def test_two_processes_keep_one_mask_and_resume_exactly(tmp_path):
     assert edge[0]["failing"][0] == edge[1]["failing"][0] == 1  # the failed refresh is skipped everywhere
     assert torch.equal(edge[0]["failing"][1], edge[1]["failing"][1])
     assert edge[0]["failing"][2] and edge[1]["failing"][2]
+    assert edge[0]["unprepared"] == edge[1]["unprepared"] == "refused"
 
     torch.set_num_threads(1)
     alone = result_of(train(str(tmp_path / "alone"), 2 * BATCH_PER_PROCESS))
