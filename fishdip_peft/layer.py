@@ -25,12 +25,13 @@ class FishDipLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
 
     def _apply(self, fn, recurse=True):
-        """`.to(...)`, `.cuda()`, `.half()`: the values follow the device but stay float32 (the weights they
-        train may be cast to any dtype; the trained values keep their precision)."""
+        """`.to(...)`, `.cuda()`, `.half()`: the values follow the device but keep their dtype (float32 unless
+        `autocast_adapter_dtype=False`): the weights they train may be cast, the trained values keep their
+        precision."""
         kept = {name: value.detach().clone() for name, value in self.fishdip_values.items()}
         super()._apply(fn, recurse)
         for name, value in self.fishdip_values.items():
-            if value.dtype != torch.float32:
+            if value.dtype != kept[name].dtype:
                 value.data = kept[name].to(value.device)
         return self
 

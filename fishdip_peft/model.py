@@ -483,7 +483,13 @@ class FishDipModel(BaseTuner):
         pass
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        pass  # the trainable values are float32 whatever the weights' dtype
+        """float32 trainable values by default (peft's autocast); with `autocast_adapter_dtype=False` the
+        values take the dtype of the weights they train."""
+        adapter = self.sparse_adapters[adapter_name]
+        dtype = torch.float32 if autocast_adapter_dtype else adapter.slots[0].param.dtype
+        if adapter.values.dtype != dtype:
+            with torch.no_grad():
+                adapter.values.data = adapter.values.data.to(dtype)
 
     def _check_new_adapter_config(self, config) -> None:
         pass
@@ -566,6 +572,9 @@ class FishDipModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.sparse_adapters:
             raise ValueError(f"unknown adapter '{adapter_name}'; this model has {list(self.sparse_adapters)}.")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         self.sparse_adapters[adapter_name].remove_from_weights()
         del self.sparse_adapters[adapter_name], self.progress[adapter_name], self.fishdip_values[adapter_name]
         del self.peft_config[adapter_name]
@@ -626,6 +635,8 @@ class FishDipModel(BaseTuner):
     def load_adapter_deltas(self, adapter_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Apply an adapter file's deltas to `adapter_name` (fresh, nothing touched) and restore its mask."""
         adapter = self.sparse_adapters[adapter_name]
+        if adapter.values.is_meta:  # created under low_cpu_mem_usage: give it real storage
+            adapter.values.data = torch.zeros(adapter.k, dtype=adapter.values.dtype, device=adapter.slots[0].param.device)
         if any(slot.touched.numel() for slot in adapter.slots):
             warnings.warn(f"adapter '{adapter_name}' already holds deltas; loading its file again changes nothing.")
             return
