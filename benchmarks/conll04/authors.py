@@ -44,6 +44,7 @@ from benchmarks.conll04.run import (
 )
 from benchmarks.conll04.training import DEFAULT_MODEL, EVAL_BATCH_SIZE, PROTOCOL, resolve_device, subset_size
 from benchmarks.io import write_json_atomic
+from benchmarks.methods import get_method
 
 STEPS = {0.01: 1000, 0.05: 1600, 0.1: 2400}
 BATCH_SIZE = 32
@@ -51,7 +52,8 @@ UPDATE_EVERY = 100
 FISHDIP_LR = 1e-2
 FRACTIONS = (0.01,)
 SEEDS = (0, 1, 2)
-# name -> (method of benchmarks.methods, its overrides, optimizer); n is filled in per fraction.
+# name -> (method of the registry `benchmarks.methods`, its overrides, optimizer); for FISH-DIP adapters m and n
+# are filled in per fraction.
 METHODS = {
     "fishdip": ("fishdip", {}, "adafactor"),
     "fixed-fish": ("fixed-fish", {}, "adafactor"),
@@ -60,6 +62,7 @@ METHODS = {
     "full-ft": ("full-ft", {}, "adamw"),
 }
 LR_GRID = {"lora": (3e-4, 1e-3, 3e-3), "full-ft": (1e-5, 3e-5, 1e-4)}
+FIRST = ("fishdip", "fixed-fish")  # run by --grid before the dev selection (they run at the authors' rate)
 SELECTION = {"train_fraction": 0.01, "seed": 0, "steps": 250, "eval_limit": 80}
 RESULTS = RESULTS_DIR / "authors_regime"
 LR_FILE_NAME = "lr_selection.json"
@@ -85,7 +88,7 @@ def checkpoint_name(name: str, fraction: float, seed: int, eval_split: str, lear
 def run_spec(args, name: str, fraction: float, seed: int, steps: int, learning_rate: float, source: str,
              eval_split: str, eval_limit: int | None, command: str) -> dict:
     method, overrides, optimizer = METHODS[name]
-    fishdip = method in ("fishdip", "fixed-fish")
+    fishdip = get_method(method).fishdip_adapter
     if fishdip:
         n = authors_num_regressing(subset_size(fraction))
         overrides = {"update_every": UPDATE_EVERY, "num_regressing": n, **overrides}
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.select_lr:
         select()
     elif args.grid:
-        first = [m for m in ("fishdip", "fixed-fish") if m in args.methods]
+        first = [m for m in FIRST if m in args.methods]
         failed += execute_plan(plan_runs(args, first, args.seeds[:1], command), args.force, args.commit)
         select()
         rest = [m for m in args.methods if m not in first]

@@ -9,8 +9,9 @@ optimizer and learning-rate schedule are part of the run's `TrainSettings`:
   counterpart (per weight tensor, from the trainable entries);
 * ``constant`` or ``linear`` (decay to 0 over the run, no warm-up, as the Trainer's default) rates.
 
-Every step computes the token-mean loss and one loss per sample (`batch_losses`); FISH-DIP methods call
-``model.step(losses, batch)`` between forward and backward; gradients are clipped to `max_grad_norm`.
+Every step computes the token-mean loss and one loss per sample (`batch_losses`); methods whose registry
+entry `calls_step` (`benchmarks.methods`; FISH-DIP's) call ``model.step(losses, batch)`` between forward and
+backward; gradients are clipped to `max_grad_norm`.
 With `rescore`, FISH-DIP re-scores the whole training subset with the current weights for the first
 mask and at every refresh. With `early_stop_loss`, training stops once the batch loss has stayed below
 it for `early_stop_patience` consecutive steps (the authors' rule: 1e-6 for 20 steps).
@@ -169,18 +170,24 @@ def load_checkpoint(path: Path, settings: TrainSettings, identity: dict[str, Any
 
 
 # -- the loop ----------------------------------------------------------------------------------------
-def train(model, encoder, sentences, *, settings: TrainSettings, fishdip: bool, batch_losses,
+def train(prepared, encoder, sentences, *, settings: TrainSettings, batch_losses,
           checkpoint_dir: str | Path | None = None, checkpoint_seconds: float = 600.0,
           identity: dict[str, Any] | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train `model` on `sentences`; returns ``{"log", "train_seconds", "train_cpu_seconds", "stopped_early_at",
-    "resumed_from"}``.
+    """Train `prepared.model` (a `benchmarks.methods.PreparedMethod`) on `sentences`; returns ``{"log",
+    "train_seconds", "train_cpu_seconds", "stopped_early_at", "resumed_from"}``.
 
+    The method's registry entry says whether the model is a FISH-DIP adapter (`fishdip_adapter`: sparse
+    Adafactor, re-scoring, its training state) and whether each step calls `step` (`calls_step`).
     `batch_losses(model, encoder, examples)` returns the batch's token-mean loss and per-sample losses.
     `identity` (e.g. method, fraction, seed, model) is stored in checkpoints and checked on resume.
     `stop_after` (tests only) ends the call after that many steps, as an interruption would.
     """
     from tqdm.auto import tqdm
 
+    from benchmarks.methods import get_method
+
+    method = get_method(prepared.name)
+    model, fishdip = prepared.model, method.fishdip_adapter
     torch.manual_seed(settings.seed)
     examples = [encoder.train_example(s) for s in sentences]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -226,9 +233,10 @@ def train(model, encoder, sentences, *, settings: TrainSettings, fishdip: bool, 
         step_start = time.perf_counter()
         mean_loss, losses = batch_losses(model, encoder, [examples[i] for i in rows])
         refreshed = None
-        if fishdip:  # the pool keeps the padded batch; the Fisher pass trims each sample's padding
-            refreshed = bool(model.step(losses, encoder.collate([examples[i] for i in rows])))
+        if method.calls_step:  # the pool keeps the padded batch; the Fisher pass trims each sample's padding
+            refreshed = method.step(prepared, losses, encoder.collate([examples[i] for i in rows]))
         mean_loss.backward()
+        method.after_backward(prepared)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         schedule.step()
@@ -238,7 +246,7 @@ def train(model, encoder, sentences, *, settings: TrainSettings, fishdip: bool, 
         entry = {"step": done, "loss": round(loss, 6), "sample_ids": list(rows),
                  "per_sample_losses": [round(float(v), 6) for v in losses.detach()],
                  "grad_norm": round(float(grad_norm), 6), "seconds": round(time.perf_counter() - step_start, 3)}
-        if fishdip:
+        if refreshed is not None:
             entry["mask_changed"] = refreshed
         log.append(entry)
         bar.update(1)

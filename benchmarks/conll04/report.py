@@ -21,17 +21,13 @@ from pathlib import Path
 from benchmarks.conll04.data import load_types
 from benchmarks.conll04.significance import count_matrix, paired_bootstrap
 from benchmarks.conll04.training import PROTOCOL, REPO_ROOT, eval_sentences
+from benchmarks.methods import FIXED_MASK, METHODS, REFERENCE
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "conll04"
 LR_FILE = REPO_ROOT / "benchmarks" / "conll04" / "lr_selection.json"
 FULL_TEST_SENTENCES = 288
-METHOD_ORDER = ("full-ft", "lora", "ia3", "prefix-tuning", "houlsby", "compacter",
-                "fishdip", "fixed-fish", "fishdip-no-sample-aware")
-METHOD_LABELS = {
-    "full-ft": "Full fine-tuning", "lora": "LoRA", "ia3": "IA3", "prefix-tuning": "Prefix tuning",
-    "houlsby": "Houlsby adapters", "compacter": "Compacter", "fishdip": "FISH-DIP",
-    "fixed-fish": "FISH mask (fixed)", "fishdip-no-sample-aware": "FISH-DIP w/o sample-awareness",
-}
+METHOD_ORDER = tuple(METHODS)  # the registry's order (`benchmarks.methods`)
+METHOD_LABELS = {name: method.label for name, method in METHODS.items()}
 # Das et al. 2023, CoNLL'04 with T5-large (entity F1, relation F1) at 1 / 5 / 10% of train.
 PAPER = {
     "fishdip": {0.01: (56.9, 21.6), 0.05: (77.3, 49.2), 0.1: (81.5, 57.1)},
@@ -206,13 +202,13 @@ def comparisons(records: list[dict]) -> list[str]:
         by_fraction[row["fraction"]][row["method"]] = row
     sentences = []
     for fraction, methods in sorted(by_fraction.items()):
-        ours = methods.get("fishdip")
+        ours = methods.get(REFERENCE)
         if ours is None:
             continue
         e, r = statistics.fmean(ours["entity"]), statistics.fmean(ours["relation"])
         losses, wins = [], []
         for method, row in sorted(methods.items(), key=lambda kv: method_key(kv[0])):
-            if method == "fishdip":
+            if method == REFERENCE:
                 continue
             oe, orel = statistics.fmean(row["entity"]), statistics.fmean(row["relation"])
             label = METHOD_LABELS.get(method, method)
@@ -265,14 +261,14 @@ def significance_section(records: list[dict], counts: SentenceCounts) -> list[st
              "does not explain the gap. The interval leaves out seed-to-seed variation (the ± above).", "",
              "| train | FISH-DIP minus | seeds | entity F1 gap [95% CI] | relation F1 gap [95% CI] |",
              "| --- | --- | --- | --- | --- |"]
-    fractions = sorted({f for f, m, _ in runs if m == "fishdip"})
+    fractions = sorted({f for f, m, _ in runs if m == REFERENCE})
     for fraction in fractions:
-        others = sorted({m for f, m, _ in runs if f == fraction and m != "fishdip"}, key=method_key)
+        others = sorted({m for f, m, _ in runs if f == fraction and m != REFERENCE}, key=method_key)
         for method in others:
-            seeds = sorted(s for f, m, s in runs if f == fraction and m == method and (f, "fishdip", s) in runs)
+            seeds = sorted(s for f, m, s in runs if f == fraction and m == method and (f, REFERENCE, s) in runs)
             if not seeds:
                 continue
-            gaps = paired_bootstrap([counts(runs[(fraction, "fishdip", s)]) for s in seeds],
+            gaps = paired_bootstrap([counts(runs[(fraction, REFERENCE, s)]) for s in seeds],
                                     [counts(runs[(fraction, method, s)]) for s in seeds])
             lines.append(f"| {100 * fraction:g}% | {METHOD_LABELS.get(method, method)} | {len(seeds)} | "
                          f"{fmt_gap(*gaps['entity'])} | {fmt_gap(*gaps['relation'])} |")
@@ -310,7 +306,7 @@ def figure2(records: list[dict], path: Path) -> Path | None:
                 ys.append(mean)
                 errs.append(std or 0.0)
             ax.bar(xs, ys, width, yerr=errs, capsize=2, label=METHOD_LABELS.get(method, method),
-                   color=colors(method_key(method)[0] % 10), edgecolor="black" if method == "fishdip" else None,
+                   color=colors(method_key(method)[0] % 10), edgecolor="black" if method == REFERENCE else None,
                    linewidth=1.2)
         ax.set_xticks(range(len(fractions)), [f"{100 * f:g}%" for f in fractions])
         ax.set_xlabel("training data (fraction of CoNLL'04 train)")
@@ -340,7 +336,7 @@ def figure4_records(records: list[dict], fraction: float = 0.01) -> tuple[float 
     """FISH-DIP and fixed-mask runs at `fraction` (or the smallest fraction that has both)."""
     by_fraction: dict[float, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if r["method"] in ("fishdip", "fixed-fish") and r.get("train_log"):
+        if r["method"] in (REFERENCE, FIXED_MASK) and r.get("train_log"):
             by_fraction[r["train_fraction"]][r["method"]].append(r)
     candidates = [fraction] + sorted(f for f in by_fraction if f != fraction)
     for f in candidates:
@@ -363,15 +359,15 @@ def figure4(records: list[dict], path: Path, fraction: float = 0.01) -> Path | N
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    colors = {"fishdip": "tab:red", "fixed-fish": "tab:blue"}
+    colors = {REFERENCE: "tab:red", FIXED_MASK: "tab:blue"}
     for ax, which, title in ((axes[0], 1, "mean per-sample loss in the batch"),
                              (axes[1], 2, "max per-sample loss in the batch")):
-        for method in ("fishdip", "fixed-fish"):
+        for method in (REFERENCE, FIXED_MASK):
             for r in sorted(runs.get(method, []), key=lambda r: r["seed"]):
                 curve = loss_curves(r)
                 ax.plot(curve[0], curve[which], color=colors[method], alpha=1.0 if r["seed"] == 0 else 0.35,
                         label=f"{METHOD_LABELS[method]} (seed {r['seed']})")
-                if method == "fishdip" and r["seed"] == min(x["seed"] for x in runs[method]):
+                if method == REFERENCE and r["seed"] == min(x["seed"] for x in runs[method]):
                     for e in r["train_log"]:
                         if e.get("mask_changed"):
                             ax.axvline(e["step"], color="tab:red", alpha=0.15, linewidth=1)
@@ -393,7 +389,8 @@ def figure4(records: list[dict], path: Path, fraction: float = 0.01) -> Path | N
 def lr_section(lr_file: Path) -> list[str]:
     if not lr_file.is_file():
         return ["No learning rate has been selected yet (`benchmarks/conll04/lr_selection.json` is missing): "
-                "runs use the documented defaults (the middle of each grid in `run.py`'s `LR_GRID`)."]
+                "runs use the documented defaults (the middle of each method's `lr_grid` in "
+                "`benchmarks/methods.py`)."]
     with open(lr_file, encoding="utf-8") as f:
         selection = json.load(f)
     setting = selection.get("setting", {})
@@ -401,8 +398,8 @@ def lr_section(lr_file: Path) -> list[str]:
              f"{100 * setting.get('train_fraction', 0.05):g}% of train, seed {setting.get('seed', 0)}, "
              f"{setting.get('steps', '?')} steps; criterion: {setting.get('criterion', '?')}. "
              "The test set is never used for it. A grid whose best rate fell on one of its ends was extended past "
-             "it before the selection was final (the history is in the comment above `LR_GRID` in "
-             "`benchmarks/conll04/run.py`).", "",
+             "it before the selection was final (the history is in the comment above the grids in "
+             "`benchmarks/methods.py`).", "",
              "| method | grid | dev (entity / relation F1) per rate | selected |", "| --- | --- | --- | --- |"]
     edges = []
     for method, entry in selection.get("methods", {}).items():
@@ -432,7 +429,7 @@ def exploration_section(results_dir: Path, counts: SentenceCounts | None = None,
     counts = counts or SentenceCounts()
     lr = variants[0]["learning_rate"]
     reference = [r for r in load_runs(results_dir / "lr_selection")
-                 if is_current(r, protocol) and r["method"] == "fishdip" and r["learning_rate"] == lr]
+                 if is_current(r, protocol) and r["method"] == REFERENCE and r["learning_rate"] == lr]
     r0 = variants[0]
     lines = [f"FISH-DIP at its selected rate {lr:g}, {100 * r0['train_fraction']:g}% of train, seed {r0['seed']}, "
              f"{r0['steps']} steps, scored on the {r0['eval_sentences']} dev sentences of the rate selection; one "
@@ -464,7 +461,7 @@ def setting_lines(records: list[dict]) -> list[str]:
     hp = r.get("hyperparameters", {})
     steps = sorted({(x["train_fraction"], x["steps"]) for x in records})
     versions = r.get("versions", {})
-    fish = next((x for x in records if x["method"] == "fishdip"), None)
+    fish = next((x for x in records if x["method"] == REFERENCE), None)
     kind = ("encoder-decoder: sentence -> target" if r.get("encoder_decoder") else
             "causal LM: prompt = sentence + newline, labels -100 on the prompt, target + eos")
     lines = [
@@ -512,10 +509,13 @@ def quick_timing_lines(results_dir: Path, records: list[dict] | None = None, pro
     if not is_current(t, protocol):
         return []
     load = t.get("load_average_start", [None])[0], t.get("load_average_end", [None])[0]
-    quick = [r for r in records or [] if r.get("train_fraction") == 0.05 and r.get("seed") == 0
-             and r.get("method") in ("fishdip", "lora", "full-ft") and "quick" in str(r.get("command"))]
+    from benchmarks.conll04.run import QUICK
+
+    quick = [r for r in records or [] if r.get("train_fraction") in QUICK["fractions"]
+             and r.get("seed") in QUICK["seeds"] and r.get("method") in QUICK["methods"]
+             and "quick" in str(r.get("command"))]
     cpu = ""
-    if len(quick) == 3 and all("train_cpu_seconds" in r for r in quick):
+    if len(quick) == len(QUICK["methods"]) and all("train_cpu_seconds" in r for r in quick):
         busy = sum(r["train_cpu_seconds"] + r["eval_cpu_seconds"] + r.get("load_seconds", 0) for r in quick)
         cpu = (f" Its runs used {busy / 60:.0f} CPU-minutes for loading, training and decoding, about "
                f"{busy / 60 / (t.get('cpu_count') or 2):.0f} min of wall time on {t.get('cpu_count')} idle cores "
@@ -578,7 +578,7 @@ def write_report(results_dir: str | Path = RESULTS_DIR, lr_file: str | Path = LR
     lines += ["![Figure 2](figure2.png)" if fig2 else "Figure 2: no run yet.", ""]
     if fig4:
         shown = figure4_records(records)[1]
-        missing = [METHOD_LABELS[m] for m in ("fishdip", "fixed-fish") if m not in shown]
+        missing = [METHOD_LABELS[m] for m in (REFERENCE, FIXED_MASK) if m not in shown]
         lines += ["![Figure 4](figure4.png)", "",
                   f"Figure 4: per-step mean and max of the per-sample training losses of the batch at "
                   f"{100 * chosen:g}% of train, FISH-DIP (mask refreshed every m steps from the highest-loss samples) "

