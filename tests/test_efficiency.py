@@ -1,4 +1,4 @@
-"""Smoke test of the efficiency benchmark (tiny model only) and checks of its two baselines' mechanics."""
+"""Smoke test of the efficiency benchmark (tiny model only), its dense-mask baseline and its refresh prototypes."""
 
 import json
 import math
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.dense_mask import DenseMaskFishDip
-from benchmarks.efficiency import PROTOTYPE_VARIANTS, compute_ratios, compute_targets, parse_args, worker_prototypes
+from benchmarks.efficiency.cli import parse_args
+from benchmarks.efficiency.report import compute_ratios, compute_targets
+from benchmarks.efficiency.workers import PROTOTYPE_VARIANTS, worker_prototypes
+from benchmarks.methods import build_method, get_method
 from benchmarks.refresh_prototype import empirical_fisher, fast_global_topk_indices
-from benchmarks.sddmm_prototype import enable_sampled_linear_grads
-from fishdip_peft import FishDipConfig, forward_with_per_sample_losses
+from fishdip_peft import forward_with_per_sample_losses
 from fishdip_peft.fisher import empirical_fisher as core_empirical_fisher
 from fishdip_peft.pool import slice_sample
 from fishdip_peft.selection import global_topk_indices
@@ -102,40 +103,23 @@ def test_report_only_renders_the_table(smoke_run):
 
 
 def test_dense_mask_baseline_moves_only_masked_entries():
-    model = tiny_llama()
+    method = get_method("dense-mask")
+    prepared = build_method("dense-mask", tiny_llama(), density=0.05, update_every=100, num_regressing=3)
+    model, dense = prepared.model, prepared.controller
     model.train()
-    dense = DenseMaskFishDip(model, density=0.05, update_every=100, num_regressing=3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=method.adamw_weight_decay)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = causal_batch(0)
     outputs, losses = forward_with_per_sample_losses(model, batch)
-    assert dense.step(losses, batch)  # the first call builds the dense float mask
+    assert method.step(prepared, losses, batch)  # the first call builds the dense float mask
     outputs.loss.backward()
-    dense.mask_gradients()
+    method.after_backward(prepared)  # masks the dense gradients
     optimizer.step()
     total = sum(p.numel() for p in model.parameters())
     assert int(sum(m.sum() for m in dense.mask.values())) == int(total * 0.05)
     for name, param in model.named_parameters():
         moved = param.detach() != before[name]
         assert not bool((moved & (dense.mask[name] == 0)).any()), name
-
-
-def test_sddmm_prototype_gives_the_core_gradients():
-    from peft import get_peft_model
-
-    grads = []
-    for sampled in (False, True):
-        model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05, num_regressing=3))
-        if sampled:
-            assert enable_sampled_linear_grads(model) > 0
-        for seed in range(2):
-            batch = causal_batch(seed)
-            model.base_model.fishdip_state.values.grad = None
-            outputs, losses = forward_with_per_sample_losses(model, batch)
-            model.step(losses, batch)
-            outputs.loss.backward()
-        grads.append(model.base_model.fishdip_state.values.grad.clone())
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_refresh_prototypes_are_exact_where_they_claim_to_be():
@@ -159,9 +143,9 @@ def test_refresh_prototypes_are_exact_where_they_claim_to_be():
 
 
 def test_prototype_worker_schema(monkeypatch):
-    import benchmarks.efficiency as efficiency
+    import benchmarks.efficiency.workers as workers
 
-    monkeypatch.setattr(efficiency, "build_model", lambda size, dtype, device: tiny_llama())
+    monkeypatch.setattr(workers, "build_model", lambda size, dtype, device: tiny_llama())
     args = parse_args(["--batch-size", "2", "--seq-len", "8", "--n", "2", "--refresh-repeats", "1"])
     args.size = "tiny"
     result = worker_prototypes(args)
