@@ -14,7 +14,7 @@ Three independent changes to `fishdip_peft.fisher.empirical_fisher` / `fishdip_p
    autocast, so the matrix products run in bfloat16; scores are still accumulated in float32. The
    benchmark reports how much of the selected set it changes.
 
-`patch_refresh(**options)` swaps these into `fishdip_peft.model` (a context manager).
+`patch_refresh(**options)` swaps these in where the core's refresh calls them (a context manager).
 """
 
 from __future__ import annotations
@@ -93,18 +93,14 @@ def empirical_fisher(
 @contextlib.contextmanager
 def patch_refresh(sparse_embeddings: bool = True, fast_topk: bool = True, autocast_dtype: Optional[torch.dtype] = None):
     """Use the prototype Fisher and/or top-K inside `FishDipModel.refresh_mask` while the context is open."""
-    import fishdip_peft.model as core
-
-    saved = core.empirical_fisher, core.global_topk_indices
+    from benchmarks.efficiency.measure import rebound_in_core
 
     def fisher(model, samples, parameters, **kwargs):
         return empirical_fisher(model, samples, parameters, sparse_embeddings=sparse_embeddings,
                                 autocast_dtype=autocast_dtype, **kwargs)
 
-    core.empirical_fisher = fisher
-    if fast_topk:
-        core.global_topk_indices = fast_global_topk_indices
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rebound_in_core("empirical_fisher", lambda original: fisher))
+        if fast_topk:
+            stack.enter_context(rebound_in_core("global_topk_indices", lambda original: fast_global_topk_indices))
         yield
-    finally:
-        core.empirical_fisher, core.global_topk_indices = saved

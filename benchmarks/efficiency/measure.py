@@ -7,6 +7,7 @@ and resets the peak (`/proc/self/clear_refs` 5). On CUDA, `torch.cuda.max_memory
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -211,6 +212,25 @@ def safetensors_entries(folder: Path) -> dict[str, int]:
             for key in handle.keys():
                 counts[key] = math.prod(handle.get_slice(key).get_shape())
     return counts
+
+
+# -- instrumenting the core ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def rebound_in_core(name: str, wrap):
+    """While open, every loaded `fishdip_peft` module that binds `name` (e.g. ``empirical_fisher``) binds
+    `wrap(original)` instead, so the core's refresh calls the wrapper whichever module it lives in."""
+    modules = [module for key, module in list(sys.modules.items())
+               if key.startswith("fishdip_peft.") and module is not None and name in vars(module)]
+    saved = [(module, getattr(module, name)) for module in modules]
+    if not saved:
+        raise LookupError(f"no fishdip_peft module binds {name!r}")
+    for module, original in saved:
+        setattr(module, name, wrap(original))
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            setattr(module, name, original)
 
 
 # -- provenance -------------------------------------------------------------------------------------------

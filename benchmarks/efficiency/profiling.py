@@ -3,7 +3,9 @@ a method with a mask, a refresh) spends time and memory, under torch.profiler, i
 
 from __future__ import annotations
 
-from benchmarks.efficiency.measure import build_model, make_batch, set_threads
+import contextlib
+
+from benchmarks.efficiency.measure import build_model, make_batch, rebound_in_core, set_threads
 from benchmarks.efficiency.workers import Runner
 from benchmarks.methods import get_method
 
@@ -44,27 +46,28 @@ def transient_allocations(prof) -> tuple[int, list[tuple[str, int, int]]]:
     return peak, sorted(((k, v[0], v[1]) for k, v in groups.items()), key=lambda g: -g[1])
 
 
-def _label_refresh_phases(runner: Runner) -> None:
+def _label_refresh_phases(runner: Runner, stack: contextlib.ExitStack) -> None:
     """Name the phases of a refresh in the profile (record_function around the functions doing them)."""
     from torch.profiler import record_function
 
-    def phase(name, fn):
-        def wrapped(*a, **k):
-            with record_function(name):
-                return fn(*a, **k)
+    def phase(name):
+        def wrap(fn):
+            def wrapped(*a, **k):
+                with record_function(name):
+                    return fn(*a, **k)
 
-        return wrapped
+            return wrapped
+
+        return wrap
 
     if runner.method.fishdip_adapter:
-        import fishdip_peft.model as core
-
-        core.empirical_fisher = phase("PHASE fisher (per-sample forward+backward)", core.empirical_fisher)
-        core.global_topk_indices = phase("PHASE global top-K", core.global_topk_indices)
+        stack.enter_context(rebound_in_core("empirical_fisher", phase("PHASE fisher (per-sample forward+backward)")))
+        stack.enter_context(rebound_in_core("global_topk_indices", phase("PHASE global top-K")))
         state = runner.model.base_model.fishdip_state
-        state.set_selection = phase("PHASE set_selection", state.set_selection)
+        state.set_selection = phase("PHASE set_selection")(state.set_selection)
     elif runner.prepared.controller is not None:
         controller = runner.prepared.controller
-        controller._importance = phase("PHASE per-sample gradients + dense gradient dict", controller._importance)
+        controller._importance = phase("PHASE per-sample gradients + dense gradient dict")(controller._importance)
 
 
 def profile_method(args) -> None:
@@ -91,8 +94,8 @@ def profile_method(args) -> None:
             runner.train_step(batches[0])
     show(f"{args.size}/{args.method} training step", prof)
     if runner.method.refreshable:
-        _label_refresh_phases(runner)
-        with profile(profile_memory=True, record_shapes=True) as prof:
+        with contextlib.ExitStack() as phases, profile(profile_memory=True, record_shapes=True) as prof:
+            _label_refresh_phases(runner, phases)
             with record_function("refresh"):
                 runner.refresh()
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.profile_rows))

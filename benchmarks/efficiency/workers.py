@@ -34,6 +34,7 @@ from benchmarks.efficiency.measure import (
     loadavg,
     make_batch,
     progress,
+    rebound_in_core,
     safetensors_entries,
     set_threads,
     sync,
@@ -259,25 +260,21 @@ PROTOTYPE_VARIANTS = (  # (name, patch_refresh options or None for the core as i
 @contextlib.contextmanager
 def phase_timers(phases: dict[str, float]):
     """Add the seconds spent in the core's Fisher pass and top-K to `phases["fisher"]` and `phases["topk"]`."""
-    import fishdip_peft.model as core
+    def clock(phase):
+        def wrap(fn):
+            def run(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    phases[phase] += time.perf_counter() - t0
 
-    saved = core.empirical_fisher, core.global_topk_indices
+            return run
 
-    def clock(fn, phase):
-        def run(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phases[phase] += time.perf_counter() - t0
+        return wrap
 
-        return run
-
-    core.empirical_fisher, core.global_topk_indices = clock(saved[0], "fisher"), clock(saved[1], "topk")
-    try:
+    with rebound_in_core("empirical_fisher", clock("fisher")), rebound_in_core("global_topk_indices", clock("topk")):
         yield
-    finally:
-        core.empirical_fisher, core.global_topk_indices = saved
 
 
 def worker_prototypes(args) -> dict[str, Any]:
