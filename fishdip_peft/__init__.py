@@ -7,7 +7,8 @@ from .integrations import prepare_with_accelerator, register_optimizer, sync_gra
 from .lookup import fishdip_tuner
 from .losses import forward_with_per_sample_losses, per_sample_losses
 from .model import FishDipModel
-from .registration import FISHDIP_PEFT_TYPE, register
+from .peft_type import FISHDIP_PEFT_TYPE
+from .registration import register
 
 register()
 

@@ -13,7 +13,7 @@ import numpy as np
 from peft.config import PeftConfig
 
 from .formats import disarm_adapter_file_writer
-from .registration import FISHDIP_PEFT_TYPE
+from .peft_type import FISHDIP_PEFT_TYPE
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -243,6 +244,42 @@ def adapter_training_state(tuner, name: str) -> dict[str, Any]:
     }
 
 
+def restore_training_state(tuner, state: Mapping[str, Any]) -> None:
+    """Restore what `formats.save_training_state` wrote: for every adapter, the weights at every entry
+    it ever trained, its values, mask, pool and schedule. Every check runs before anything changes."""
+    if tuner._disabled:
+        raise RuntimeError("enable the adapter (leave disable_adapter()) before loading a training state.")
+    saved = state["adapters"]
+    if set(saved) != set(tuner.sparse_adapters):
+        raise ValueError(f"the training state holds adapters {sorted(saved)}; this model has "
+                         f"{sorted(tuner.sparse_adapters)}.")
+    for name, entry in saved.items():
+        _check_training_state(tuner.sparse_adapters[name], entry)
+    for name, entry in saved.items():
+        adapter, progress = tuner.sparse_adapters[name], tuner.progress[name]
+        with tuner._weights_of(name):
+            adapter.restore(entry["index"], entry["touched"], entry["base"], entry["trained"], entry["values"])
+        progress.load_state_dict(entry["progress"])
+        pool_state = distributed.pool_state_for_this_process(entry["pools"], progress.pool.capacity)
+        progress.pool.load_state_dict(distributed.to_device(pool_state, adapter.values.device))
+
+
+def _check_training_state(adapter, entry: Mapping[str, Any]) -> None:
+    names, shapes = [s.name for s in adapter.slots], [tuple(s.param.shape) for s in adapter.slots]
+    if list(entry["names"]) != names or [tuple(s) for s in entry["shapes"]] != shapes:
+        raise ValueError("the training state is for other eligible weights (another model or target_modules).")
+    if entry["values"].numel() != adapter.k:
+        raise ValueError(f"the training state has {entry['values'].numel()} trainable values; this model has "
+                         f"K={adapter.k}.")
+    for slot, touched, base in zip(adapter.slots, entry["touched"], entry["base"]):
+        if base.dtype != slot.param.dtype:
+            raise ValueError(f"'{slot.name}' is {slot.param.dtype} here but was {base.dtype} in training; "
+                             "load the same dtype.")
+        if not torch.equal(slot.base_values_at(touched.to(slot.param.device)).cpu(), base):
+            raise ValueError(f"the base values of '{slot.name}' differ from those the training state was made "
+                             "from: this is not the same base model. Nothing was changed.")
+
+
 def save_training_state(model, directory: str, write: bool = True) -> None:
     """Write `directory/fishdip_state.pt` for every adapter of `model`. Every process must call it (the
     pools are gathered); only those with `write=True` write. The file appears whole or not at all."""
@@ -271,7 +308,7 @@ def read_training_state(path: str) -> dict[str, Any]:
 
 def load_training_state(model, directory: str) -> None:
     """Restore what `save_training_state` wrote into `directory` (see `FishDipModel.load_training_state`)."""
-    fishdip_tuner(model).load_training_state(read_training_state(os.path.join(directory, STATE_NAME)))
+    restore_training_state(fishdip_tuner(model), read_training_state(os.path.join(directory, STATE_NAME)))
 
 
 def has_training_state(directory) -> bool:

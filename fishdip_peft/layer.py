@@ -8,7 +8,6 @@ adapters. It wraps no base layer, so the weight-related parts of `BaseTunerLayer
 
 from __future__ import annotations
 
-import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 

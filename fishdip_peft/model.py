@@ -2,68 +2,30 @@
 
 from __future__ import annotations
 
-import inspect
-import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import distributed, formats
+from . import formats
+from .composition import add_weighted_adapter
 from .config import FishDipConfig
-from .fisher import empirical_fisher, trim_right_padding
+from .eligibility import _matches, eligible_parameters
 from .hooks import TapSet
 from .layer import FishDipLayer
 from .losses import per_sample_losses_from_outputs
-from .lookup import fishdip_tuner  # noqa: F401 (re-exported: the helper that finds the tuner)
-from .pool import RegressingPool, batch_size_of
+from .lookup import fishdip_tuner
+from .pool import RegressingPool
 from .progress import AdapterProgress
-from .selection import global_topk_indices
 from .sparse import SparseAdapter
+from .stepping import SteppingMixin
 
 
-def _matches(module_name: str, patterns) -> bool:
-    """A regex matches the full module name; a list item matches a module whose dotted name contains it as
-    whole components (`q_proj`, `self_attn`, `layers.0`), and so every module below it."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, module_name) is not None
-    return any(f".{p}." in f".{module_name}." for p in patterns)
-
-
-def eligible_parameters(model: nn.Module, config: FishDipConfig) -> list[tuple[str, nn.Parameter]]:
-    """Parameters of the targeted modules, in `named_parameters` order, tied weights once."""
-    owner_of = {}
-    for module_name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            owner_of.setdefault(id(param), module_name)
-    targeted, named = set(), []
-    for name, param in model.named_parameters():
-        owner = owner_of[id(param)]
-        if config.target_modules is not None and not _matches(owner, config.target_modules):
-            continue
-        targeted.add(owner)
-        if config.exclude_modules is not None and _matches(owner, config.exclude_modules):
-            continue
-        if config.modules_to_save and _matches(owner, list(config.modules_to_save)):
-            continue  # trained in full by peft's modules_to_save copy
-        named.append((name, param))
-    if config.target_modules is not None and not targeted:
-        available = sorted({n for n, m in model.named_modules() if n and any(True for _ in m.parameters(False))})
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matches no module with parameters. "
-            f"Modules with parameters include: {available[:12]}{' ...' if len(available) > 12 else ''}."
-        )
-    if not named:
-        raise ValueError("no parameter is eligible for FISH-DIP: check target_modules and exclude_modules.")
-    return named
-
-
-class FishDipModel(BaseTuner):
+class FishDipModel(SteppingMixin, BaseTuner):
     """Sample-aware dynamic sparse fine-tuning (FISH-DIP, Das et al., EMNLP 2023) as a PEFT tuner.
 
     Each adapter keeps K = round(density · |θ|) entries of the eligible weights θ trainable and
@@ -82,6 +44,10 @@ class FishDipModel(BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._install_hooks()
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `formats.save_training_state` wrote (see `formats.restore_training_state`)."""
+        formats.restore_training_state(self, state)
 
     def _ensure_state(self) -> None:
         """Create the tuner's containers (at the first injection, which BaseTuner.__init__ runs)."""
@@ -144,33 +110,6 @@ class FishDipModel(BaseTuner):
                 adapter.values.add_(noise.to(adapter.values.device))
             adapter.write_back(force=True)
         self.progress[adapter_name].refreshed()
-
-    def _install_hooks(self) -> None:
-        this = weakref.ref(self)
-
-        @torch.compiler.disable
-        def after_forward(module, args, kwargs, output):
-            tuner = this()
-            if tuner is not None:
-                tuner._after_training_forward(args, kwargs, output)
-
-        def before_optimizer_step(optimizer, args, kwargs):
-            tuner = this()
-            if tuner is not None:
-                tuner._before_optimizer_step(optimizer)
-
-        def after_optimizer_step(optimizer, args, kwargs):
-            tuner = this()
-            if tuner is not None:
-                tuner._after_optimizer_step(optimizer)
-
-        self._handles = [
-            self.model.register_forward_hook(after_forward, with_kwargs=True),
-            register_optimizer_step_pre_hook(before_optimizer_step),
-            register_optimizer_step_post_hook(after_optimizer_step),
-        ]
-        for handle in self._handles:  # the process-wide optimizer hooks go away with this model
-            weakref.finalize(self, handle.remove)
 
     @property
     def fishdip_values(self) -> nn.ParameterDict:
@@ -268,206 +207,6 @@ class FishDipModel(BaseTuner):
         """`losses_fn(model, outputs, batch) -> (batch,)` for automatic mode and re-scoring (default: the
         language-model or classification losses of `losses.per_sample_losses_from_outputs`)."""
         self._per_sample_losses = lambda model, outputs, labels: losses_fn(model, outputs, {"labels": labels})
-
-    # -- automatic mode -------------------------------------------------------------------------
-    def _after_training_forward(self, args, kwargs, output) -> None:
-        if not (self.model.training and torch.is_grad_enabled()) or self._tap_target() is None:
-            return
-        name = self._single_active()
-        progress = self.progress[name]
-        if progress.manual:
-            return
-        self._check_processes()
-        batch = _model_inputs(self.model, args, kwargs)
-        if "labels" not in batch:
-            return
-        losses = self._per_sample_losses(self.model, output, batch["labels"])
-        self.offer(losses, batch)
-        if progress.forwards_since_step == 0:
-            self._refresh_if_due(name)
-        progress.forwards_since_step += 1
-
-    def _before_optimizer_step(self, optimizer) -> None:
-        for name, adapter in self.sparse_adapters.items():
-            if adapter.values.requires_grad and adapter.holds_values(optimizer) and not adapter.has_selection:
-                if self.progress[name].attempts:
-                    warnings.warn(f"FISH-DIP adapter '{name}' has no mask yet (its first refresh was skipped: see the "
-                                  "warning above), so this optimizer step trains nothing; it retries at the next step.")
-                    continue
-                raise RuntimeError(
-                    f"FISH-DIP adapter '{name}' has no mask yet, so this optimizer step would train nothing. "
-                    "FISH-DIP builds its mask by itself from training forward passes that carry `labels` "
-                    "(model(**batch) with batch['labels'], as the Trainer does). If your loop computes the loss "
-                    "outside the model, call model.step(per_sample_losses, batch) before optimizer.step()."
-                )
-
-    def _after_optimizer_step(self, optimizer) -> None:
-        for name, adapter in self.sparse_adapters.items():
-            if adapter.holds_values(optimizer):
-                adapter.register_optimizer(optimizer)
-                adapter.write_back(force=True)  # fused optimizers do not bump `values._version`
-                if adapter.values.requires_grad:
-                    self.progress[name].optimizer_steps += 1
-                    self.progress[name].forwards_since_step = 0
-
-    # -- the FISH-DIP step ----------------------------------------------------------------------
-    def step(self, losses: torch.Tensor, batch: Mapping[str, Any]) -> bool:
-        """Pool this step's samples with their losses and, when due, recompute the mask.
-
-        For loops that compute the per-sample losses themselves (FISH-DIP otherwise runs by itself): call
-        it once per optimizer step with `losses`, one loss per sample (1-D, e.g. from
-        `forward_with_per_sample_losses`), and `batch`, the model-input dict of that step (same leading
-        size, with `labels`), between the forward pass and `backward()`, so a new mask applies to this
-        step's update. The first call builds the first mask; later ones refresh it at the first call after
-        every `update_every` optimizer steps (never, if `dynamic=False`); calling it twice in one
-        optimizer step refreshes at most once. Once called, automatic mode stops for this adapter.
-        Returns True if the mask changed.
-        """
-        name = self._single_active()
-        self._check_trainable(name)
-        self._check_processes()
-        self.progress[name].manual = True
-        self.offer(losses, batch)
-        return self._refresh_if_due(name)
-
-    def offer(self, losses: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        """Pool the samples of `batch` (with gradient accumulation: the micro-batches other than the one
-        passed to `step`). Non-finite losses are not pooled (with a warning)."""
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            raise ValueError(
-                f"losses must be a 1-D tensor with one loss per sample, got "
-                f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}. "
-                "Use fishdip_peft.forward_with_per_sample_losses to compute them."
-            )
-        size = batch_size_of(batch)
-        if losses.numel() != size:
-            raise ValueError(f"got {losses.numel()} losses for a batch of {size} samples; pass one loss per sample.")
-        if "labels" not in batch:
-            raise ValueError("the batch needs `labels`: the Fisher pass computes each pooled sample's loss.")
-        finite = torch.isfinite(losses.detach())
-        if not bool(finite.all()):
-            warnings.warn(f"{int((~finite).sum())} non-finite per-sample losses; those samples are not pooled.")
-        if bool(finite.any()):
-            keep = torch.nonzero(finite).flatten()
-            pooled = batch if bool(finite.all()) else _select_rows(batch, keep, size)
-            self.progress[self._single_active()].pool.offer(losses.detach()[keep], pooled)
-
-    def _check_processes(self) -> None:
-        if distributed.is_multi_process() and not self.prepared_for_processes:
-            raise RuntimeError(
-                "FISH-DIP runs in several processes only through FishDipTrainer or "
-                "fishdip_peft.prepare_with_accelerator(accelerator, model, optimizer, ...): its values get their "
-                "gradient outside autograd, which DistributedDataParallel cannot average, so the model must stay "
-                "unwrapped. Use FishDipTrainer in place of Trainer (or SFTTrainer's model with FishDipTrainer)."
-            )
-
-    def _check_trainable(self, name: str) -> None:
-        if self._disabled:
-            raise RuntimeError("the adapter is disabled (inside disable_adapter()): leave it before training steps.")
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter '{name}' is merged: unmerge_adapter() before training it.")
-
-    def _refresh_if_due(self, name: str) -> bool:
-        config, progress = self.peft_config[name], self.progress[name]
-        if not progress.refresh_due(config.dynamic, config.update_every):
-            return False
-        return self.refresh_mask()
-
-    def set_rescoring(self, batches, losses_fn: Optional[Callable] = None) -> None:
-        """Rank samples by re-scoring the training set at every refresh and for the first mask, as the
-        authors' code does, instead of by the losses seen in training batches.
-
-        `batches` is a re-iterable of training batches (e.g. a DataLoader without shuffling; with several
-        processes, each process's own shard) or a callable returning one; `None` turns it off.
-        `losses_fn(model, outputs, batch)` gives one loss per sample (default: as in automatic mode).
-        """
-        progress = self.progress[self._single_active()]
-        progress.rescoring = None if batches is None else (batches, losses_fn)
-
-    @torch.no_grad()
-    def rescore(self, batches: Iterable[Mapping[str, Any]], losses_fn: Optional[Callable] = None) -> int:
-        """Empty the pool and refill it with the samples of `batches`, scored with the current weights
-        (eval mode, no gradient). Returns the number of samples scored."""
-        name = self._single_active()
-        self.progress[name].pool.clear()
-        training = [(m, m.training) for m in self.model.modules()]
-        scored = 0
-        try:
-            self.model.eval()
-            for batch in batches:
-                batch = distributed.to_device(dict(batch), self.sparse_adapters[name].values.device)
-                if "labels" not in batch:
-                    raise ValueError("re-scoring needs `labels` in every batch of the training set.")
-                outputs = self.model(**batch)
-                if losses_fn is not None:
-                    losses = losses_fn(self.model, outputs, batch)
-                else:
-                    losses = self._per_sample_losses(self.model, outputs, batch["labels"])
-                self.offer(losses, batch)
-                scored += losses.numel()
-        finally:
-            for module, was_training in training:
-                module.training = was_training
-        return scored
-
-    def refresh_mask(self) -> bool:
-        """Recompute the active adapter's mask from its pooled samples now and empty the pool (re-scoring
-        the training set first if `set_rescoring` was given one).
-
-        With several processes (torch.distributed initialized), every process must call it: the Fisher
-        is that of the top-n samples of all processes' pools and every process gets the same mask. A
-        refresh that cannot be made (no pooled sample, a non-finite Fisher) keeps the current mask; if
-        there is none yet, the next training step tries again.
-        """
-        name = self._single_active()
-        self._check_trainable(name)
-        adapter, progress = self.sparse_adapters[name], self.progress[name]
-        progress.attempts += 1
-        if progress.rescoring is not None:
-            batches, losses_fn = progress.rescoring
-            self.rescore(batches() if callable(batches) else batches, losses_fn)
-        params = [slot.param for slot in adapter.slots]
-        pooled = progress.pool.state_dict()
-        try:
-            return self._refresh_from_pool(adapter, progress, params)
-        except BaseException:
-            progress.pool.load_state_dict(pooled)  # a failed refresh leaves the pool as it was
-            raise
-
-    def _refresh_from_pool(self, adapter: SparseAdapter, progress: AdapterProgress, params) -> bool:
-        if distributed.is_multi_process():
-            samples, total = distributed.my_share_of_pool(progress.pool, adapter.values.device)
-        else:
-            samples = progress.pool.drain()
-            total = len(samples)
-        if total == 0:
-            warnings.warn("no finite-loss sample was pooled since the last refresh; the mask is kept.")
-            return False
-        scores = self._fisher_sum(samples, params)
-        if distributed.is_multi_process():
-            scores = distributed.sum_across_processes(scores, params)  # a failure anywhere becomes NaN
-        if scores is None or not all(bool(torch.isfinite(s).all()) for s in scores):
-            warnings.warn("mask refresh skipped: the Fisher information is not finite.")
-            return False
-        for score in scores:
-            score.div_(total)
-        changed = adapter.set_selection(global_topk_indices(scores, adapter.k))
-        progress.refreshed()
-        return changed
-
-    def _fisher_sum(self, samples, params) -> Optional[list[torch.Tensor]]:
-        """Σ (∇ℓ)² over `samples` (zeros if there are none), or None if a sample's loss is not finite."""
-        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
-            samples = [trim_right_padding(s) for s in samples]
-        self.fishdip_state.write_back()
-        self._computing_fisher = True
-        try:
-            return empirical_fisher(self.model, samples, params, mean=False)
-        except FloatingPointError as error:
-            warnings.warn(f"mask refresh skipped: {error}")
-            return None
-        finally:
-            self._computing_fisher = False
 
     # -- peft API -------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config, model_config):
@@ -589,8 +328,6 @@ class FishDipModel(BaseTuner):
         """A new adapter whose deltas are Σ weight_i · delta_i of `adapters` (composable sparse fine-tuning,
         Ansell et al. 2022). It holds no mask: training it builds one. The adapters must share their
         eligible weights; the new one takes the first adapter's config."""
-        from .composition import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name)
 
     # -- checkpoint ----------------------------------------------------------------------------
@@ -645,61 +382,3 @@ class FishDipModel(BaseTuner):
             if sum(t.numel() for t in selection) == adapter.k:
                 adapter.set_selection(selection)
                 self.progress[adapter_name].refreshed()
-
-    # -- resumable training state --------------------------------------------------------------
-    def load_training_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what `formats.save_training_state` wrote: for every adapter, the weights at every entry
-        it ever trained, its values, mask, pool and schedule. Every check runs before anything changes."""
-        if self._disabled:
-            raise RuntimeError("enable the adapter (leave disable_adapter()) before loading a training state.")
-        saved = state["adapters"]
-        if set(saved) != set(self.sparse_adapters):
-            raise ValueError(f"the training state holds adapters {sorted(saved)}; this model has "
-                             f"{sorted(self.sparse_adapters)}.")
-        for name, entry in saved.items():
-            _check_training_state(self.sparse_adapters[name], entry)
-        for name, entry in saved.items():
-            adapter, progress = self.sparse_adapters[name], self.progress[name]
-            with self._weights_of(name):
-                adapter.restore(entry["index"], entry["touched"], entry["base"], entry["trained"], entry["values"])
-            progress.load_state_dict(entry["progress"])
-            pool_state = distributed.pool_state_for_this_process(entry["pools"], progress.pool.capacity)
-            progress.pool.load_state_dict(distributed.to_device(pool_state, adapter.values.device))
-
-
-def _check_training_state(adapter: SparseAdapter, entry: Mapping[str, Any]) -> None:
-    names, shapes = [s.name for s in adapter.slots], [tuple(s.param.shape) for s in adapter.slots]
-    if list(entry["names"]) != names or [tuple(s) for s in entry["shapes"]] != shapes:
-        raise ValueError("the training state is for other eligible weights (another model or target_modules).")
-    if entry["values"].numel() != adapter.k:
-        raise ValueError(f"the training state has {entry['values'].numel()} trainable values; this model has "
-                         f"K={adapter.k}.")
-    for slot, touched, base in zip(adapter.slots, entry["touched"], entry["base"]):
-        if base.dtype != slot.param.dtype:
-            raise ValueError(f"'{slot.name}' is {slot.param.dtype} here but was {base.dtype} in training; "
-                             "load the same dtype.")
-        if not torch.equal(slot.base_values_at(touched.to(slot.param.device)).cpu(), base):
-            raise ValueError(f"the base values of '{slot.name}' differ from those the training state was made "
-                             "from: this is not the same base model. Nothing was changed.")
-
-
-_FORWARD_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
-
-
-def _model_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The forward's tensor inputs by name (positional ones named from the signature), batch-sized only."""
-    if model not in _FORWARD_PARAMETERS:
-        _FORWARD_PARAMETERS[model] = list(inspect.signature(model.forward).parameters)
-    named = dict(zip(_FORWARD_PARAMETERS[model], args))
-    named.update(kwargs)
-    tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    labels = tensors.get("labels")
-    size = labels.shape[0] if labels is not None else None
-    return {k: v for k, v in tensors.items() if size is None or v.shape[0] == size}
-
-
-def _select_rows(batch: Mapping[str, Any], rows: torch.Tensor, size: int) -> dict[str, Any]:
-    return {
-        k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
-        for k, v in batch.items()
-    }

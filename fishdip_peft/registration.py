@@ -1,46 +1,24 @@
-"""Registration of FISH-DIP as a PEFT method.
-
-peft 0.21 registers methods by a member of its `PeftType` enum, which has no FISHDIP member, so one
-is added here (the same object peft's own members are: a `str` enum member whose value is its name).
-"""
+"""Registration of FISH-DIP as a PEFT method."""
 
 from __future__ import annotations
 
-from peft.utils.peft_types import PeftType
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 
-
-PEFT_METHOD_NAME = "fishdip"
-
-
-def _add_peft_type_member(name: str) -> PeftType:
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    if hasattr(PeftType, "_add_member_"):  # Python >= 3.13
-        PeftType._add_member_(name, member)
-    else:
-        PeftType._member_map_[name] = member
-        type.__setattr__(PeftType, name, member)
-    PeftType._value2member_map_[name] = member
-    if name not in PeftType._member_names_:
-        PeftType._member_names_.append(name)
-    return member
-
-
-FISHDIP_PEFT_TYPE = _add_peft_type_member(PEFT_METHOD_NAME.upper())
+from .config import FishDipConfig
+from .model import FishDipModel
+from .peft_type import FISHDIP_PEFT_TYPE, PEFT_METHOD_NAME
 
 
 def register() -> None:
-    """Make `get_peft_model` and `PeftModel.from_pretrained` know FISH-DIP (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import FishDipConfig
-    from .model import FishDipModel
-
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(FISHDIP_PEFT_TYPE) is FishDipModel:
+    """Make `get_peft_model` and `PeftModel.from_pretrained` know FISH-DIP (idempotent; after a reload
+    of the package the new classes replace the old ones)."""
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(FISHDIP_PEFT_TYPE)
+    if registered is FishDipModel:
+        return
+    if registered is not None and getattr(registered, "is_fishdip_tuner", False):
+        PEFT_TYPE_TO_CONFIG_MAPPING[FISHDIP_PEFT_TYPE] = FishDipConfig
+        PEFT_TYPE_TO_TUNER_MAPPING[FISHDIP_PEFT_TYPE] = FishDipModel
+        PEFT_TYPE_TO_PREFIX_MAPPING[FISHDIP_PEFT_TYPE] = FishDipModel.prefix
         return
     register_peft_method(name=PEFT_METHOD_NAME, config_cls=FishDipConfig, model_cls=FishDipModel)

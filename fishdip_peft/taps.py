@@ -192,4 +192,8 @@ def tap_output(output: Tensor, inputs: Union[Tensor, tuple], values: Tensor, sin
         return output
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
+    if output.is_leaf and output.requires_grad:
+        # e.g. an embedding output made a leaf by `enable_input_require_grads` hooked in before this tap:
+        # it cannot be marked modified in place, so the tap works on a copy.
+        output = output.clone()
     return SelectedGradTap.apply(output, values, sink, *inputs)

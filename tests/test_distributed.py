@@ -49,7 +49,7 @@ def edge_cases() -> dict:
     import warnings
 
     from fishdip_peft import distributed, forward_with_per_sample_losses, integrations
-    from fishdip_peft import model as fishdip_model
+    from fishdip_peft import stepping as fishdip_stepping
     from tests.models import causal_batch
     from tests.test_trainer import fishdip_llama
 
@@ -81,15 +81,15 @@ def edge_cases() -> dict:
     failing = fishdip_llama()
     integrations.sync_initial_state(failing)
     steps(failing, 1)
-    original = fishdip_model.empirical_fisher
+    original = fishdip_stepping.empirical_fisher
     if rank == 1:
         def fail(*args, **kwargs):
             raise FloatingPointError("injected")
-        fishdip_model.empirical_fisher = fail
+        fishdip_stepping.empirical_fisher = fail
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         steps(failing, 2)
-    fishdip_model.empirical_fisher = original
+    fishdip_stepping.empirical_fisher = original
     results["failing"] = (failing.base_model.refresh_count, failing.base_model.mask.clone(),
                           any("not finite" in str(w.message) for w in caught))
     unprepared = fishdip_llama()  # e.g. the plain Trainer, which would wrap it in DDP
