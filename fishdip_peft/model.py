@@ -83,9 +83,13 @@ class FishDipModel(SteppingMixin, BaseTuner):
             param.requires_grad_(False)
         device = named[0][1].device
         values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device), requires_grad=False)
+        self.fishdip_values[adapter_name] = values
+        if self.fishdip_values[adapter_name] is not values:
+            # low_cpu_mem_usage injects under accelerate's empty-weights context, which turns registered
+            # parameters into meta tensors; FISH-DIP's K values are cheap and must be real from the start.
+            self.fishdip_values._parameters[adapter_name] = values
         adapter = SparseAdapter(adapter_name, named, k, values)
         adapter.in_weights = False  # a new adapter has nothing to put into the weights yet
-        self.fishdip_values[adapter_name] = values
         self.sparse_adapters[adapter_name] = adapter
         self.progress[adapter_name] = AdapterProgress(RegressingPool(config.num_regressing, config.sample_aware,
                                                                      config.seed))
@@ -372,8 +376,6 @@ class FishDipModel(SteppingMixin, BaseTuner):
     def load_adapter_deltas(self, adapter_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Apply an adapter file's deltas to `adapter_name` (fresh, nothing touched) and restore its mask."""
         adapter = self.sparse_adapters[adapter_name]
-        if adapter.values.is_meta:  # created under low_cpu_mem_usage: give it real storage
-            adapter.values.data = torch.zeros(adapter.k, dtype=adapter.values.dtype, device=adapter.slots[0].param.device)
         if any(slot.touched.numel() for slot in adapter.slots):
             warnings.warn(f"adapter '{adapter_name}' already holds deltas; loading its file again changes nothing.")
             return
