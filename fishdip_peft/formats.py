@@ -233,6 +233,7 @@ def adapter_training_state(tuner, name: str) -> dict[str, Any]:
         slot.follow_device()
     return {
         "progress": progress.state_dict(),
+        "num_regressing": progress.pool.capacity,
         "pools": distributed.gather_pool_states(progress.pool),
         "index": [slot.index.cpu() for slot in adapter.slots],
         "touched": [slot.touched.cpu() for slot in adapter.slots],
@@ -255,6 +256,13 @@ def restore_training_state(tuner, state: Mapping[str, Any]) -> None:
                          f"{sorted(tuner.sparse_adapters)}.")
     for name, entry in saved.items():
         _check_training_state(tuner.sparse_adapters[name], entry)
+        capacity = tuner.progress[name].pool.capacity
+        if entry.get("num_regressing", capacity) != capacity:
+            raise ValueError(
+                f"the training state of adapter '{name}' was saved with num_regressing={entry['num_regressing']}; "
+                f"this model has num_regressing={capacity}. Resume with the saved value, or start the run over. "
+                "Nothing was changed."
+            )
     for name, entry in saved.items():
         adapter, progress = tuner.sparse_adapters[name], tuner.progress[name]
         with tuner._weights_of(name):

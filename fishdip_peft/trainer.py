@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import integrations
@@ -36,6 +37,34 @@ logger = logging.getLogger(__name__)
 RESCORE_MAX_SHARE = 0.1
 ADAFACTOR_OPTIM_ARGS = {"scale_parameter": bool, "relative_step": bool, "warmup_init": bool,
                         "clip_threshold": float, "decay_rate": float}
+
+
+def check_complete_checkpoint(folder: str) -> None:
+    """Refuse a checkpoint folder an interrupted save left incomplete. FISH-DIP's state is written first
+    and the Trainer's `trainer_state.json` last, so a folder without the latter is unfinished."""
+    if not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+        raise ValueError(
+            f"{folder} is an incomplete checkpoint (no {TRAINER_STATE_NAME}; its save was probably interrupted): "
+            "resume from an earlier checkpoint, or delete this folder and use resume_from_checkpoint=True."
+        )
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest `checkpoint-N` folder of `output_dir` whose save finished."""
+    folders = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            prefix, _, number = name.rpartition("-")
+            if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+                folders.append((int(number), os.path.join(output_dir, name)))
+    for _, folder in sorted(folders, reverse=True):
+        try:
+            check_complete_checkpoint(folder)
+        except ValueError:
+            logger.warning("skipping %s: an interrupted save left it incomplete", folder)
+            continue
+        return folder
+    raise ValueError(f"no complete checkpoint in {output_dir} to resume from (resume_from_checkpoint=True).")
 
 
 def _parse_adafactor_args(optim_args: Optional[str]) -> dict[str, Any]:
@@ -109,14 +138,18 @@ class FishDipTrainerMixin:
         super().create_optimizer_and_scheduler(num_training_steps)
         integrations.register_optimizer(self.model, self.optimizer)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the last *complete* checkpoint, not a half-written one
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str):
+            check_complete_checkpoint(resume_from_checkpoint)
         if self._fishdip_rescoring_on():
             self.fishdip_model.set_rescoring(
                 self._fishdip_rescoring_batches, lambda model, outputs, batch: self.per_sample_losses(model, outputs, batch)
             )
         else:
             self.fishdip_model.set_rescoring(None)
-        return super().train(*args, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # -- re-scoring ----------------------------------------------------------------------------------
     def _fishdip_rescoring_on(self) -> bool:

@@ -136,3 +136,26 @@ def test_pools_merge_when_the_number_of_processes_changes():
     merged = merge_pool_states(states, capacity=3)
     assert sorted(((k, a) for k, a, _ in merged["entries"]), reverse=True) == [(3.0, -1), (3.0, -2), (2.0, -3)]
     assert merged["seen"] == 4 and merged["rng"] == states[0]["rng"]
+
+
+def test_resume_true_skips_a_checkpoint_an_interrupted_save_left_incomplete(tmp_path):
+    run(tmp_path, steps=4, update_every=2, save_steps=2)
+    broken = tmp_path / "checkpoint-6"
+    broken.mkdir()
+    (broken / STATE_NAME).write_bytes((tmp_path / "checkpoint-4" / STATE_NAME).read_bytes())  # killed after it
+    from fishdip_peft.trainer import last_complete_checkpoint
+
+    assert last_complete_checkpoint(str(tmp_path)).endswith("checkpoint-4")
+    trainer = FishDipTrainer(model=fishdip_llama(update_every=2),
+                             args=training_args(tmp_path, steps=4, save_strategy="no"), train_dataset=RowDataset())
+    with pytest.raises(ValueError, match="checkpoint-6 is an incomplete checkpoint"):
+        trainer.train(resume_from_checkpoint=str(broken))
+
+
+def test_a_changed_num_regressing_is_refused_before_anything_changes(tmp_path):
+    run(tmp_path, steps=3, update_every=2, save_steps=3)
+    other = fishdip_llama(update_every=2, num_regressing=5)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="num_regressing=3.*num_regressing=5"):
+        load_training_state(other, str(tmp_path / "checkpoint-3"))
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
