@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import distributed
 from .fisher import empirical_fisher, trim_right_padding
+from .losses import IGNORE_INDEX
 from .pool import batch_size_of
 from .progress import AdapterProgress
 from .selection import global_topk_indices
@@ -135,6 +136,10 @@ class SteppingMixin:
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):
             warnings.warn(f"{int((~finite).sum())} non-finite per-sample losses; those samples are not pooled.")
+        labels = batch["labels"]
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and not labels.is_floating_point():
+            # a sample without any target token has no loss to rank by and no gradient for the Fisher
+            finite &= (labels != IGNORE_INDEX).flatten(1).any(1).to(finite.device)
         if bool(finite.any()):
             keep = torch.nonzero(finite).flatten()
             pooled = batch if bool(finite.all()) else _select_rows(batch, keep, size)
