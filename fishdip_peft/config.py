@@ -6,15 +6,20 @@ import numbers
 import os
 import re
 import tempfile
+import warnings
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
 from peft.config import PeftConfig
 
-from .formats import disarm_adapter_file_writer
+from .atomic import atomic_write, write_bytes
+from .formats import ADAPTER_FILE, disarm_adapter_file_writer, embedded_config
 from .peft_type import FISHDIP_PEFT_TYPE
 
+RUNTIME_FIELDS = ("inference_mode", "base_model_name_or_path", "revision")
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -102,18 +107,51 @@ class FishDipConfig(PeftConfig):
         self.delta_dtype = str(self.delta_dtype)
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, _as_modules(name, getattr(self, name)))
+        self.modules_to_save = _as_name_list("modules_to_save", self.modules_to_save)
 
+
+    def to_json(self) -> str:
+        """The config as saved inside the adapter file: what defines the adapter, without the fields that
+        describe one use of it (`inference_mode`, `base_model_name_or_path`, `revision`)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        for key, value in data.items():
+            if isinstance(value, set):
+                data[key] = sorted(value)
+        return json.dumps(data, sort_keys=True, default=str)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        """`PeftConfig.from_pretrained`, checked against the adapter file beside it. The file carries the
+        config it was saved with: if adapter_config.json says otherwise (a save interrupted between its two
+        files), the file's own config wins, with a warning. An unreadable or tampered adapter file is
+        refused here, before peft wraps the model."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        weights = os.path.join(folder, ADAPTER_FILE)
+        if not os.path.isfile(weights):
+            return config
+        saved = embedded_config(weights)
+        if saved is None:
+            return config
+        if json.loads(config.to_json()) == {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS}:
+            return config
+        warnings.warn(f"{os.path.join(folder, 'adapter_config.json')} differs from the config saved inside "
+                      f"{weights} (an interrupted save?); using the adapter file's own config.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        embedded = cls(**{k: v for k, v in saved.items() if k in fields and k != "peft_type"})
+        embedded.inference_mode = config.inference_mode
+        return embedded
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """`PeftConfig.save_pretrained`, written atomically: adapter_config.json is never left half-written."""
         disarm_adapter_file_writer()
         os.makedirs(save_directory, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=save_directory) as staging:
+        with tempfile.TemporaryDirectory(prefix="fishdip-config-") as staging:  # outside the adapter folder
             super().save_pretrained(staging, **kwargs)
             for name in os.listdir(staging):
                 with open(os.path.join(staging, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+                    data = handle.read()
+                atomic_write(os.path.join(save_directory, name), lambda tmp, data=data: write_bytes(tmp, data))
 
 
 _MODULES_EXAMPLE = 'Example: {name}=["q_proj", "v_proj"] (module names) or {name}=r".*\\.(q|v)_proj" (a regex).'
@@ -148,6 +186,20 @@ def _as_int(name: str, value, example: int, kind: str) -> int:
             f"got {_describe(value)}. Example: {name}={example}."
         )
     return int(value)
+
+
+def _as_name_list(name: str, value):
+    """None or a list of module names (strings)."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
+        raise TypeError(f"{name} must be None or a list of module names, got {_describe(value)}. "
+                        f'Example: {name}=["classifier"].')
+    for position, item in enumerate(value):
+        if not isinstance(item, str):
+            raise TypeError(f"{name} must hold module names (strings); item {position} is {_describe(item)}. "
+                            f'Example: {name}=["classifier"].')
+    return sorted(value) if isinstance(value, set) else list(value)
 
 
 def _as_modules(name: str, value):

@@ -22,20 +22,25 @@ Trainer's checkpoints and in a custom loop.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from . import distributed
-from .atomic import atomic_write
+from .atomic import atomic_write, write_bytes
 from .lookup import fishdip_tuner
 
 KEY_PREFIX = "base_model.model."
 FIELDS = ("fishdip_indices", "fishdip_deltas", "fishdip_selected", "fishdip_shape", "fishdip_fingerprint")
 REQUIRED_FIELDS = ("fishdip_indices", "fishdip_deltas", "fishdip_shape", "fishdip_fingerprint")
 MANIFEST_KEY = KEY_PREFIX + "fishdip_manifest"
+CONFIG_KEY = KEY_PREFIX + "fishdip_config"  # the saving config as UTF-8 JSON bytes
+SPECIAL_KEYS = (MANIFEST_KEY, CONFIG_KEY)
+ADAPTER_FILE = "adapter_model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_NAME = "fishdip_state.pt"
 STATE_FORMAT = 2
@@ -84,7 +89,9 @@ def write_next_adapter_file_atomically() -> None:
             return original(tensors, filename, metadata=metadata)
         from safetensors import torch as safetensors_torch
 
-        atomic_write(filename, lambda tmp: safetensors_torch.save_file(tensors, tmp, metadata=metadata))
+        # serialised here (safetensors' own save_file renames a temporary file of its own)
+        data = safetensors_torch.save(tensors, metadata=metadata)
+        atomic_write(filename, lambda tmp: write_bytes(tmp, data))
 
     one_shot.fishdip_one_shot = True
     one_shot.original = original
@@ -99,8 +106,9 @@ def disarm_adapter_file_writer() -> None:
         peft_model.safe_save_file = writer.original
 
 
-def adapter_state_dict(adapter, delta_dtype: str) -> dict[str, torch.Tensor]:
-    """The adapter file's tensors for a `SparseAdapter`: entries whose value changed, and trainable ones."""
+def adapter_state_dict(adapter, delta_dtype: str, config_json: str = "") -> dict[str, torch.Tensor]:
+    """The adapter file's tensors for a `SparseAdapter`: entries whose value changed, and trainable ones;
+    with `config_json`, the saving config too, so the file describes itself whole."""
     adapter.write_back()
     tensors = {}
     for slot in adapter.slots:
@@ -119,9 +127,29 @@ def adapter_state_dict(adapter, delta_dtype: str) -> dict[str, torch.Tensor]:
         tensors[f"{key}.fishdip_selected"] = pack_bits(selected[keep].cpu())
         tensors[f"{key}.fishdip_shape"] = torch.tensor(list(slot.param.shape), dtype=torch.int64)
         tensors[f"{key}.fishdip_fingerprint"] = fingerprint(slot.base[keep])
+    if config_json:
+        tensors[CONFIG_KEY] = torch.frombuffer(bytearray(config_json.encode()), dtype=torch.uint8)
     if tensors:
         tensors[MANIFEST_KEY] = manifest(tensors)
     return tensors
+
+
+def embedded_config(path: str) -> dict | None:
+    """The config saved inside an adapter file (None for files without one). Reading it also checks that
+    the file is readable and matches its manifest: a clear error names the file otherwise."""
+    try:
+        with safe_open(path, "pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable adapter file ({type(error).__name__}: {error}); save the "
+                         "adapter again or use an intact copy. Nothing was changed.") from error
+    try:
+        check_manifest(tensors)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if CONFIG_KEY not in tensors:
+        return None
+    return json.loads(bytes(tensors[CONFIG_KEY].to(torch.uint8).tolist()).decode())
 
 
 def manifest(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -148,7 +176,7 @@ def check_manifest(tensors: dict[str, torch.Tensor]) -> None:
 def _group_by_weight(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        if key == MANIFEST_KEY:
+        if key in SPECIAL_KEYS:
             continue
         name, _, field = key.rpartition(".")
         if field not in FIELDS or not name.startswith(KEY_PREFIX):

@@ -337,7 +337,8 @@ class FishDipModel(SteppingMixin, BaseTuner):
     # -- checkpoint ----------------------------------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        tensors = formats.adapter_state_dict(fishdip_tuner(model).sparse_adapters[adapter_name], config.delta_dtype)
+        tensors = formats.adapter_state_dict(fishdip_tuner(model).sparse_adapters[adapter_name], config.delta_dtype,
+                                             config.to_json())
         formats.write_next_adapter_file_atomically()
         return tensors
 
@@ -349,7 +350,7 @@ class FishDipModel(SteppingMixin, BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = fishdip_tuner(model)
         ours = {k: v for k, v in state_dict.items()
-                if k.rpartition(".")[2] in formats.FIELDS or k == formats.MANIFEST_KEY}
+                if k.rpartition(".")[2] in formats.FIELDS or k in formats.SPECIAL_KEYS}
         others = {k: v for k, v in state_dict.items() if k not in ours}  # e.g. modules_to_save copies
         try:
             tuner.load_adapter_deltas(adapter_name, ours)
@@ -376,7 +377,13 @@ class FishDipModel(SteppingMixin, BaseTuner):
     def load_adapter_deltas(self, adapter_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Apply an adapter file's deltas to `adapter_name` (fresh, nothing touched) and restore its mask."""
         adapter = self.sparse_adapters[adapter_name]
-        if any(slot.touched.numel() for slot in adapter.slots):
+        progress = self.progress[adapter_name]
+        untrained = progress.optimizer_steps == 0 and adapter.grad_writes == 0
+        if untrained and not self.peft_config[adapter_name].init_weights:
+            with self._weights_of(adapter_name):  # the random start of init_weights=False gives way to the file
+                adapter.reset()
+            self.progress[adapter_name] = AdapterProgress(progress.pool)
+        elif any(slot.touched.numel() for slot in adapter.slots):
             warnings.warn(f"adapter '{adapter_name}' already holds deltas; loading its file again changes nothing.")
             return
         with self._weights_of(adapter_name):

@@ -187,6 +187,20 @@ class SparseAdapter:
         self._written_version = self.values._version
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Forget everything: base values back in the weights, no selection, zero values."""
+        for slot in self.slots:
+            slot.follow_device()
+            if self.in_weights:
+                slot.flat.index_copy_(0, slot.touched, slot.base)
+            empty = torch.empty(0, dtype=torch.int64, device=slot.param.device)
+            slot.index, slot.touched, slot.value_offset, slot.stash = empty, empty.clone(), 0, None
+            slot.base = torch.empty(0, dtype=slot.param.dtype, device=slot.param.device)
+        self.values.zero_()
+        self.values.grad = None
+        self._written_version = self.values._version
+
+    @torch.no_grad()
     def trained_values_at_touched(self, slot: Slot) -> torch.Tensor:
         """The adapter's trained values at `slot.touched` (float32, exact for the trainable entries)."""
         slot.follow_device()

@@ -132,12 +132,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "adapter_model.safetensors"
     original = path.read_bytes()
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def crash(path, data):
+        with open(path, "wb") as handle:
+            handle.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("fishdip_peft.formats.write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert path.read_bytes() == original

@@ -11,8 +11,6 @@ and the child is killed with SIGKILL:
 After every kill the folder is loaded with `PeftModel.from_pretrained(tiny_llama(), folder)` and compared
 with A and B reloaded from their own clean folders (logits with torch.equal, and the config), and searched
 for temporary files (`.tmp-*`). The fixture prints the counts of kills per kind and folder state (`-s`).
-Two of the three checks fail today (xfail, strict): a kill between the two files leaves a torn pair that
-loads with the wrong config, and a kill during a write leaves its temporary file in the folder.
 """
 
 from __future__ import annotations
@@ -263,11 +261,6 @@ def test_every_kill_leaves_a_folder_that_loads_as_exactly_a_or_b(kills):
     assert random_states == {True, False}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a kill between the weights write and the config write leaves one adapter's weights with the other's "
-    "adapter_config.json, and from_pretrained loads that pair without a word: A's deltas with B's density "
-    "(K and the restored mask are wrong; with different target_modules it would refuse or load onto other "
-    "weights). The weights file does not carry or check its config."))
 def test_every_kill_leaves_the_config_of_the_weights_it_loads(kills):
     references, records = kills
     torn = [record for record in records if record["loaded_config"] != references[record["logits_of"]]["config"]]
@@ -275,23 +268,12 @@ def test_every_kill_leaves_the_config_of_the_weights_it_loads(kills):
                       f"{torn[0]}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a kill during a save leaves its temporary file (.tmp-*.safetensors, from formats.atomic_write) or "
-    "folder (.tmp-*/, from FishDipConfig.save_pretrained) in the adapter folder for ever; no later save or "
-    "load removes it."))
 def test_no_kill_leaves_a_temporary_file_in_the_folder(kills):
     _, records = kills
     left = [(record["kind"], record["new_leftovers"]) for record in records if record["new_leftovers"]]
     assert not left, f"{len(left)} of {len(records)} kills left temporary files: {left[:5]}"
 
 
-TORN_PAIR_BUG = (
-    "BUG: one adapter's adapter_model.safetensors beside another's adapter_config.json (what a kill between the "
-    "two writes of save_pretrained leaves) loads without a word with the wrong config, or is refused although "
-    "the weights file is whole: the weights file neither carries nor checks the config it was saved with.")
-
-
-@pytest.mark.xfail(strict=True, reason=TORN_PAIR_BUG)
 @pytest.mark.parametrize("weights, config", [("A", "B"), ("B", "A"), ("A", "C"), ("C", "A")],
                          ids=["A-weights-B-density", "B-weights-A-density", "all-weights-qv-config",
                               "qv-weights-all-config"])
