@@ -1,8 +1,9 @@
-"""Atomic file writes: the file appears whole, or the previous one stays; no temporary file is left.
+"""Atomic file writes: the file appears whole, or the previous one stays.
 
 On Linux the content is written to an unnamed file in the target folder (`O_TMPFILE`), which a kill
 makes vanish, then linked under a temporary name and renamed over the target, so a temporary name
-exists only between two system calls. Elsewhere a named temporary file is written, then renamed.
+exists only between two system calls; a process killed exactly there leaves it, and the next write or
+load in that folder removes it. Elsewhere a named temporary file is written, then renamed.
 """
 
 from __future__ import annotations
@@ -13,9 +14,32 @@ import uuid
 from collections.abc import Callable
 
 
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete the temporary names that a process killed between its link and its rename left behind
+    (`.tmp-<pid>-<hex>...` whose process is gone)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != ".tmp" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
+        except OSError:
+            pass
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, then move the finished file onto `path` (all or nothing)."""
     directory = os.path.dirname(os.path.abspath(path))
+    remove_stale_temporaries(directory)
     fd = _unnamed_file(directory)
     if fd is not None:
         try:

@@ -15,11 +15,11 @@ from typing import Optional, Union
 import numpy as np
 from peft.config import PeftConfig
 
-from .atomic import atomic_write, write_bytes
+from .atomic import atomic_write, remove_stale_temporaries, write_bytes
 from .formats import ADAPTER_FILE, disarm_adapter_file_writer, embedded_config
 from .peft_type import FISHDIP_PEFT_TYPE
 
-RUNTIME_FIELDS = ("inference_mode", "base_model_name_or_path", "revision")
+RUNTIME_FIELDS = ("inference_mode", "base_model_name_or_path", "revision", "auto_mapping")
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -112,7 +112,7 @@ class FishDipConfig(PeftConfig):
 
     def to_json(self) -> str:
         """The config as saved inside the adapter file: what defines the adapter, without the fields that
-        describe one use of it (`inference_mode`, `base_model_name_or_path`, `revision`)."""
+        describe one use of it (`inference_mode`, `base_model_name_or_path`, `revision`, `auto_mapping`)."""
         data = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
         for key, value in data.items():
             if isinstance(value, set):
@@ -128,6 +128,7 @@ class FishDipConfig(PeftConfig):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         weights = os.path.join(folder, ADAPTER_FILE)
+        remove_stale_temporaries(folder)
         if not os.path.isfile(weights):
             return config
         saved = embedded_config(weights)
@@ -139,7 +140,8 @@ class FishDipConfig(PeftConfig):
                       f"{weights} (an interrupted save?); using the adapter file's own config.")
         fields = {f.name for f in dataclasses.fields(cls)}
         embedded = cls(**{k: v for k, v in saved.items() if k in fields and k != "peft_type"})
-        embedded.inference_mode = config.inference_mode
+        for name in RUNTIME_FIELDS:  # how this copy is used comes from the folder's config
+            setattr(embedded, name, getattr(config, name))
         return embedded
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -300,20 +301,106 @@ def restore_training_state(tuner, state: Mapping[str, Any]) -> None:
         progress.pool.load_state_dict(distributed.to_device(pool_state, adapter.values.device))
 
 
+ENTRY_KEYS = ("progress", "num_regressing", "pools", "index", "touched", "base", "trained", "values", "names",
+              "shapes")
+PROGRESS_KEYS = ("optimizer_steps", "refreshes", "attempts", "last_refresh_step", "manual")
+
+
+def _bad(field: str, problem: str) -> ValueError:
+    return ValueError(f"the training state's {field} {problem}; it is corrupt or from another run. Resume from "
+                      "another checkpoint. Nothing was changed.")
+
+
 def _check_training_state(adapter, entry: Mapping[str, Any]) -> None:
+    """Every check of one adapter's saved state, before anything changes."""
+    if not isinstance(entry, Mapping):
+        raise _bad(f"entry of adapter '{adapter.name}'", "is not a mapping")
+    missing = [key for key in ENTRY_KEYS if key not in entry]
+    if missing:
+        raise _bad(f"entry of adapter '{adapter.name}'", f"lacks {missing}")
+    progress = entry["progress"]
+    if not isinstance(progress, Mapping) or any(key not in progress for key in PROGRESS_KEYS):
+        raise _bad("progress", f"must hold {list(PROGRESS_KEYS)}")
+    counters = [progress[k] for k in ("optimizer_steps", "refreshes", "attempts")]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counters) or not isinstance(
+            progress["manual"], bool) or not (progress["last_refresh_step"] is None or isinstance(
+            progress["last_refresh_step"], int)):
+        raise _bad("progress", "holds counters of the wrong type or sign")
     names, shapes = [s.name for s in adapter.slots], [tuple(s.param.shape) for s in adapter.slots]
     if list(entry["names"]) != names or [tuple(s) for s in entry["shapes"]] != shapes:
         raise ValueError("the training state is for other eligible weights (another model or target_modules).")
-    if entry["values"].numel() != adapter.k:
-        raise ValueError(f"the training state has {entry['values'].numel()} trainable values; this model has "
-                         f"K={adapter.k}.")
-    for slot, touched, base in zip(adapter.slots, entry["touched"], entry["base"]):
-        if base.dtype != slot.param.dtype:
-            raise ValueError(f"'{slot.name}' is {slot.param.dtype} here but was {base.dtype} in training; "
-                             "load the same dtype.")
+    for field in ("index", "touched", "base", "trained"):
+        if not isinstance(entry[field], (list, tuple)) or len(entry[field]) != len(adapter.slots):
+            raise _bad(field, f"must hold one tensor per eligible weight ({len(adapter.slots)})")
+    values = entry["values"]
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != adapter.k:
+        raise ValueError(f"the training state has {getattr(values, 'shape', values)} trainable values; this model "
+                         f"has K={adapter.k}.")
+    if not values.is_floating_point() or not bool(torch.isfinite(values).all()):
+        raise _bad("values", "are not finite floating-point numbers")
+    selected = 0
+    for slot, index, touched, base, trained in zip(adapter.slots, entry["index"], entry["touched"], entry["base"],
+                                                  entry["trained"]):
+        for field, positions in (("index", index), ("touched", touched)):
+            if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64 or positions.dim() != 1:
+                raise _bad(f"{field} of '{slot.name}'", "must be a 1-D int64 tensor")
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= slot.numel
+                                      or bool((positions[1:] <= positions[:-1]).any())):
+                raise _bad(f"{field} of '{slot.name}'", "must be sorted, unique positions inside the weight")
+        if index.numel() and not bool(torch.isin(index, touched).all()):
+            raise _bad(f"index of '{slot.name}'", "holds positions that were never touched")
+        for field, tensor in (("base", base), ("trained", trained)):
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != touched.shape:
+                raise _bad(f"{field} of '{slot.name}'", "must hold one value per touched position")
+            if tensor.dtype != slot.param.dtype:
+                raise ValueError(f"'{slot.name}' is {slot.param.dtype} here but was {tensor.dtype} in training; "
+                                 "load the same dtype.")
+            if not bool(torch.isfinite(tensor).all()):
+                raise _bad(f"{field} of '{slot.name}'", "holds values that are not finite")
         if not torch.equal(slot.base_values_at(touched.to(slot.param.device)).cpu(), base):
             raise ValueError(f"the base values of '{slot.name}' differ from those the training state was made "
                              "from: this is not the same base model. Nothing was changed.")
+        selected += index.numel()
+    if selected != adapter.k:
+        raise _bad("index", f"selects {selected} entries; this model trains K={adapter.k}")
+    pools = entry["pools"]
+    if not isinstance(pools, (list, tuple)) or not pools:
+        raise _bad("pools", "must hold one pool per process")
+    for pool in pools:
+        if not isinstance(pool, Mapping) or any(key not in pool for key in ("entries", "seen", "rng")):
+            raise _bad("pools", "must hold entries, seen and rng")
+        if len(pool["entries"]) > entry["num_regressing"]:
+            raise _bad("pools", f"hold more samples than num_regressing={entry['num_regressing']}")
+        for item in pool["entries"]:
+            if not (isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[2], Mapping)):
+                raise _bad("pools", "hold malformed entries")
+        try:
+            random.Random().setstate(pool["rng"])
+        except (TypeError, ValueError) as error:
+            raise _bad("pools' rng", f"is not a random generator state ({error})") from None
+
+
+def state_digest(obj, digest=None) -> bytes:
+    """SHA-256 over a training state's structure, tensors (dtype, shape, bytes) and scalars."""
+    digest = digest or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        digest.update(b"{")
+        for key in sorted(obj, key=repr):
+            digest.update(repr(key).encode())
+            state_digest(obj[key], digest)
+        digest.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b"[" if isinstance(obj, list) else b"(")
+        for item in obj:
+            state_digest(item, digest)
+        digest.update(b"]")
+    else:
+        digest.update(f"{type(obj).__name__}:{obj!r}".encode())
+    return digest.digest()
 
 
 def save_training_state(model, directory: str, write: bool = True) -> None:
@@ -322,6 +409,7 @@ def save_training_state(model, directory: str, write: bool = True) -> None:
     tuner = fishdip_tuner(model)
     state = {"format": STATE_FORMAT, "active_adapter": tuner.active_adapter,
              "adapters": {name: adapter_training_state(tuner, name) for name in tuner.sparse_adapters}}
+    state["manifest"] = torch.frombuffer(bytearray(state_digest(state)), dtype=torch.uint8)
     if write:
         os.makedirs(directory, exist_ok=True)
         atomic_write(os.path.join(directory, STATE_NAME), lambda tmp_path: torch.save(state, tmp_path))
@@ -339,6 +427,13 @@ def read_training_state(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} has format {found!r}; this version reads format {STATE_FORMAT}.")
+    if not isinstance(state.get("adapters"), Mapping):
+        raise ValueError(f"{path} holds no 'adapters' mapping; it is not a whole FISH-DIP training state.")
+    saved = state.pop("manifest", None)
+    if saved is not None and (not isinstance(saved, torch.Tensor)
+                              or bytes(saved.to(torch.uint8).tolist()) != state_digest(state)):
+        raise ValueError(f"{path} does not match its manifest: it was modified or damaged after it was written. "
+                         "Resume from another checkpoint. Nothing was changed.")
     return state
 
 

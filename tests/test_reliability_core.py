@@ -99,3 +99,20 @@ def test_target_modules_match_module_prefixes_and_components(targets, expected):
     assert names and all(expected(name) for name in names)
     everything = [n for n, _ in tiny_llama().named_parameters()]
     assert sorted(names) == sorted(n for n in everything if expected(n))
+
+
+def test_a_temporary_name_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fishdip_peft.atomic import atomic_write, write_bytes
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-{int(dead.stdout)}-0123abcd.safetensors"
+    live = tmp_path / f".tmp-{os.getpid()}-4567ef.safetensors"  # a write of this very process, in flight
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    atomic_write(str(tmp_path / "adapter_model.safetensors"), lambda tmp: write_bytes(tmp, b"whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter_model.safetensors", live.name])
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == b"whole"

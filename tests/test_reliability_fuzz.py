@@ -7,9 +7,8 @@ names the problem, leaving the model it was loaded into as it was: for the adapt
 parameters, requires_grad flags and modules unchanged, no hook left on any module and no `peft_config`
 attribute; for the training state, the FISH-DIP model's weights, values, mask, schedule and pool unchanged.
 
-The cases run once per module (fixtures) and the tests check them by kind, so that the kinds a bug affects
-are marked xfail (strict: they must fail until the bug is fixed) while the others guard the loaders now.
-Each fixture prints the counts per kind and outcome (`pytest -s`).
+The cases run once per module (fixtures) and the tests check them by kind; the one upstream peft behaviour
+FISH-DIP cannot act on is a strict xfail. Each fixture prints the counts per kind and outcome (`pytest -s`).
 """
 
 from __future__ import annotations
@@ -755,32 +754,9 @@ def state_problem(record: dict) -> str:
     return ""
 
 
-STATE_KINDS_OK = ["truncation", "adapter names", "config vs state"]
-STATE_BUGS = {
-    "bit flip": (
-        "BUG: fishdip_state.pt has no checksum: a flipped bit in a tensor's bytes (trained values, values, "
-        "touched positions) loads without a word into other weights, or fails with a raw IndexError."),
-    "missing key": (
-        "BUG: formats.restore_training_state (FishDipModel.load_training_state) indexes the state's keys without "
-        "checking them, and reads 'progress', 'pools' and their keys only after adapter.restore() changed the "
-        "weights: a state without one raises a bare KeyError (naming neither the file nor the field), for the "
-        "latter with the model half restored."),
-    "wrong shape": (
-        "BUG: formats._check_training_state does not check the per-slot lengths of index/touched/base/trained "
-        "nor the values' shape: wrong lengths load silently (index) or fail inside adapter.restore() with a raw "
-        "IndexError/RuntimeError after the weights were overwritten."),
-    "wrong count": (
-        "BUG: the per-slot lists (index, touched, base, trained) are zipped with the slots without checking their "
-        "number, the K split between slots and the pool's entries/rng are not checked: partial restores, raw "
-        "errors after the weights changed, or a pool holding more samples than num_regressing (a saved pool of "
-        "4 entries loads whole into a pool of capacity 3; pool_state_for_this_process trims to capacity only when "
-        "the number of processes changed)."),
-    "edited values": (
-        "BUG: positions are not checked (inside the tensor, sorted, unique, index among touched), values are not "
-        "checked (finite, equal to trained at index) nor the progress fields' types: such states load silently "
-        "wrong or fail with raw errors after the weights changed."),
-}
-STATE_KINDS = STATE_KINDS_OK + list(STATE_BUGS)
+STATE_KINDS = ["truncation", "adapter names", "config vs state", "wrong shape", "bit flip", "missing key",
+               "wrong count", "edited values"]
+
 
 
 def test_state_fuzz_has_enough_cases_of_every_kind(state_records):
@@ -790,10 +766,7 @@ def test_state_fuzz_has_enough_cases_of_every_kind(state_records):
     assert all(counts[kind] >= 5 for kind in STATE_KINDS), counts
 
 
-@pytest.mark.parametrize("kind", [
-    *STATE_KINDS_OK,
-    *(pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=reason)) for kind, reason in STATE_BUGS.items()),
-])
+@pytest.mark.parametrize("kind", STATE_KINDS)
 def test_every_corrupt_training_state_restores_exactly_or_is_refused_with_a_named_error(state_records, kind):
     found = failures(state_records, {kind}, state_problem)
     assert not found, f"{len(found)} cases:\n" + "\n".join(found[:15])
