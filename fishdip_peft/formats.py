@@ -153,10 +153,15 @@ def embedded_config(path: str) -> dict | None:
     return json.loads(bytes(tensors[CONFIG_KEY].to(torch.uint8).tolist()).decode())
 
 
+def is_fishdip_key(key: str) -> bool:
+    """A key of FISH-DIP's own part of an adapter file (not, e.g., a modules_to_save copy peft adds)."""
+    return key in SPECIAL_KEYS or key.rpartition(".")[2] in FIELDS
+
+
 def manifest(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """SHA-256 over every tensor's name, dtype, shape and bytes (the manifest itself excluded)."""
+    """SHA-256 over every FISH-DIP tensor's name, dtype, shape and bytes (the manifest itself excluded)."""
     digest = hashlib.sha256()
-    for key in sorted(k for k in tensors if k != MANIFEST_KEY):
+    for key in sorted(k for k in tensors if k != MANIFEST_KEY and is_fishdip_key(k)):
         tensor = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())

@@ -349,9 +349,13 @@ class FishDipModel(SteppingMixin, BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = fishdip_tuner(model)
-        ours = {k: v for k, v in state_dict.items()
-                if k.rpartition(".")[2] in formats.FIELDS or k in formats.SPECIAL_KEYS}
-        others = {k: v for k, v in state_dict.items() if k not in ours}  # e.g. modules_to_save copies
+        ours = {k: v for k, v in state_dict.items() if formats.is_fishdip_key(k)}
+        others = {k: v for k, v in state_dict.items() if ".modules_to_save." in k}  # peft's dense copies
+        unknown = sorted(set(state_dict) - set(ours) - set(others))
+        if unknown:
+            tuner._forget_refused_adapter(adapter_name)
+            raise ValueError(f"'{unknown[0]}' is not a FISH-DIP sparse-delta entry nor a modules_to_save copy; "
+                             "is this a FISH-DIP adapter file? Nothing was changed.")
         try:
             tuner.load_adapter_deltas(adapter_name, ours)
         except Exception:

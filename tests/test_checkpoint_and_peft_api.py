@@ -62,6 +62,9 @@ def test_file_holds_only_sparse_entries_of_changed_weights(tmp_path):
             if key == "base_model.model.fishdip_manifest":  # SHA-256 of the other tensors
                 assert f.get_tensor(key).numel() == 32
                 continue
+            if key == "base_model.model.fishdip_config":  # the saving config, JSON
+                assert json.loads(bytes(f.get_tensor(key).tolist()))["density"] == 0.05
+                continue
             name, _, field = key.rpartition(".")
             assert name.startswith("base_model.model.") and field.startswith("fishdip_")
             tensor = f.get_tensor(key)
@@ -84,6 +87,7 @@ def test_payload_is_eight_bytes_per_changed_entry(tmp_path):
     tensors = _tensors(path)
     shapes = {k: t.numel() for k, t in tensors.items() if k.endswith("fishdip_shape")}
     per_tensor = sum(32 + 8 * ndim for ndim in shapes.values()) + 32  # fingerprint + shape, and the manifest
+    per_tensor += tensors["base_model.model.fishdip_config"].numel()  # the config, a few hundred bytes
     flags = sum(t.numel() for k, t in tensors.items() if k.endswith("fishdip_selected"))  # 1 bit per entry
     changed = changed_entries(model, tiny_llama)
     assert flags == sum(-(-t.numel() // 8) for k, t in tensors.items() if k.endswith("fishdip_indices"))
@@ -243,7 +247,7 @@ def test_encoder_classifier_trains_a_dense_head_beside_the_sparse_body_and_round
         keys = set(f.keys())
     assert {k.rsplit(".", 1)[1] for k in keys if "fishdip_" in k} == {
         "fishdip_deltas", "fishdip_indices", "fishdip_selected", "fishdip_shape", "fishdip_fingerprint",
-        "fishdip_manifest"}
+        "fishdip_manifest", "fishdip_config"}
     assert {k for k in keys if "classifier" in k} == {"base_model.model.classifier.weight",
                                                       "base_model.model.classifier.bias"}
     model.eval()
