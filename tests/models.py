@@ -59,3 +59,17 @@ def seq2seq_batch(seed: int, batch: int = 4, length: int = 10, target: int = 6) 
     labels[0, -2:] = -100
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
+
+
+def train_automatically(model, steps: int, runner=None, lr: float = 1e-2):
+    """`steps` optimizer steps of AdamW on causal batches 0..steps-1, as any plain loop would run them
+    (no `step()` call: automatic mode); `runner` is what is called (e.g. the compiled model).
+    Returns the optimizer."""
+    runner = runner if runner is not None else model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        runner(**causal_batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer

@@ -10,20 +10,14 @@ import torch
 from peft import get_peft_model
 
 from fishdip_peft import FishDipConfig, forward_with_per_sample_losses
-from tests.models import causal_batch, tiny_llama
+from tests.models import causal_batch, tiny_llama, train_automatically
 
 CONFIG = dict(density=0.05, update_every=1, num_regressing=3)
 
 
 def trained(steps=2, **config):
     model = get_peft_model(tiny_llama(), FishDipConfig(**{**CONFIG, **config}))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(steps):
-        model(**causal_batch(step)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model, optimizer
+    return model, train_automatically(model, steps)
 
 
 def weights(model):

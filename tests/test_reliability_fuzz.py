@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from fishdip_peft import FishDipConfig, fishdip_tuner, load_training_state, save_training_state
 from fishdip_peft.formats import MANIFEST_KEY, SPECIAL_KEYS, STATE_NAME, manifest
-from tests.models import causal_batch, tiny_llama
+from tests.models import causal_batch, tiny_llama, train_automatically
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PROBE = causal_batch(999)
@@ -44,12 +44,7 @@ def train(steps: int = 2) -> torch.nn.Module:
     """A FISH-DIP model trained in automatic mode (two steps, a mask refresh before each: some entries left
     the mask, so the training state holds touched entries that are not trainable any more)."""
     model = get_peft_model(tiny_llama(), FishDipConfig(**SETTINGS))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(steps):
-        model(**causal_batch(step)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_automatically(model, steps)
     model(**causal_batch(50))  # refreshes the mask (and empties the pool) ...
     model(**causal_batch(51))  # ... and this one fills the pool: the saved state holds pooled samples
     assert len(fishdip_tuner(model).progress["default"].pool) == SETTINGS["num_regressing"]

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
 from fishdip_peft import FishDipConfig
-from tests.models import causal_batch, seq2seq_batch, tiny_llama, tiny_t5
+from tests.models import causal_batch, seq2seq_batch, tiny_llama, tiny_t5, train_automatically
 from tests.test_trainer import RowDataset, one_thread, training_args  # noqa: F401 (fixture)
 
 CONFIG = dict(density=0.05, update_every=2, num_regressing=3)
@@ -90,13 +90,7 @@ def test_accelerate_custom_loop_with_plain_prepare():
 
 
 def _train_steps(model, steps, compiled=None):
-    runner = compiled if compiled is not None else model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(steps):
-        runner(**causal_batch(step)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_automatically(model, steps, runner=compiled)
 
 
 def test_torch_compile_trains_like_eager_across_a_refresh():
