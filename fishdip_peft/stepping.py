@@ -137,6 +137,7 @@ class SteppingMixin:
         if not bool(finite.all()):
             warnings.warn(f"{int((~finite).sum())} non-finite per-sample losses; those samples are not pooled.")
         labels = batch["labels"]
+        self._check_labels(labels)
         if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and not labels.is_floating_point():
             # a sample without any target token has no loss to rank by and no gradient for the Fisher
             finite &= (labels != IGNORE_INDEX).flatten(1).any(1).to(finite.device)
@@ -144,6 +145,19 @@ class SteppingMixin:
             keep = torch.nonzero(finite).flatten()
             pooled = batch if bool(finite.all()) else _select_rows(batch, keep, size)
             self.progress[self._single_active()].pool.offer(losses.detach()[keep], pooled)
+
+    def _check_labels(self, labels) -> None:
+        """Token labels must be integer ids of the vocabulary or the ignore index: a bad label would only
+        surface at the next refresh, steps later."""
+        if not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+            return  # classification or regression targets: the model's own loss checks them
+        if labels.is_floating_point():
+            raise ValueError(f"token labels must be integer ids, got {labels.dtype}; pass labels.long().")
+        counted = labels[labels != IGNORE_INDEX]
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if counted.numel() and (int(counted.min()) < 0 or (vocab is not None and int(counted.max()) >= vocab)):
+            raise ValueError(f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX} (not a target); got values "
+                             f"from {int(counted.min())} to {int(counted.max())}.")
 
     def _check_processes(self) -> None:
         if distributed.is_multi_process() and not self.prepared_for_processes:

@@ -110,3 +110,18 @@ def test_a_temporary_name_left_by_a_killed_writer_is_removed_by_the_next_write(t
     atomic_write(str(tmp_path / "adapter_model.safetensors"), lambda tmp: write_bytes(tmp, b"whole"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter_model.safetensors", live.name])
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == b"whole"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda labels: labels.float(), "integer ids"),
+    (lambda labels: labels.masked_fill(labels == labels.max(), -5), r"\[0, 64\)"),
+    (lambda labels: labels.masked_fill(labels == labels.max(), 64), r"\[0, 64\)"),
+])
+def test_bad_labels_are_refused_when_offered_not_steps_later(edit, message):
+    model, _ = trained(steps=1)
+    batch = causal_batch(3)
+    pooled = model.base_model.pool_losses()
+    batch["labels"] = edit(batch["labels"])
+    with pytest.raises(ValueError, match=message):
+        model.base_model.step(torch.ones(4), batch)
+    assert model.base_model.pool_losses() == pooled
