@@ -31,10 +31,11 @@ def batch_size_of(batch: Mapping[str, Any]) -> int:
     return next(iter(sizes.values()))
 
 
-def slice_sample(batch: Mapping[str, Any], row: int) -> dict[str, Any]:
-    """Detached copy of one sample of a batch, keeping a leading dimension of 1."""
+def slice_sample(batch: Mapping[str, Any], row: int, copy: bool = True) -> dict[str, Any]:
+    """One sample of a batch, keeping a leading dimension of 1: a detached copy, or views (`copy=False`)."""
     return {
-        k: v[row : row + 1].detach().clone() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        k: (v[row : row + 1].detach().clone() if copy else v[row : row + 1])
+        if isinstance(v, torch.Tensor) and v.dim() > 0 else v
         for k, v in batch.items()
     }
 
@@ -92,18 +93,17 @@ class RegressingPool:
         """Consider every sample of `batch` (one loss each); only entering samples are copied."""
         for row, loss in enumerate(losses.detach().float().cpu().tolist()):
             self._seen += 1
-            sample = slice_sample(batch, row)
-            identity = sample_identity(sample)
+            identity = sample_identity(slice_sample(batch, row, copy=False))
             key = (loss if self.sample_aware else self._rng.random(), -self._seen)
             if identity in self._entries:
                 self._entries[identity] = (*key, self._entries[identity][2])
             elif len(self._entries) < self.capacity:
-                self._entries[identity] = (*key, sample)
+                self._entries[identity] = (*key, slice_sample(batch, row))
             else:
                 lowest = min(self._entries, key=lambda i: self._entries[i][:2])
                 if key > self._entries[lowest][:2]:
                     del self._entries[lowest]
-                    self._entries[identity] = (*key, sample)
+                    self._entries[identity] = (*key, slice_sample(batch, row))
 
     def _ranked(self) -> list[tuple[float, int, dict[str, Any]]]:
         return sorted(self._entries.values(), key=lambda e: e[:2], reverse=True)
