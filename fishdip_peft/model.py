@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -63,7 +64,12 @@ class FishDipModel(SteppingMixin, BaseTuner):
         self._per_sample_losses: Callable = per_sample_losses_from_outputs
         self.prepared_for_processes = False  # set by integrations.sync_initial_state
         this = weakref.ref(self)
-        self._taps = TapSet(lambda: (lambda tuner: tuner._tap_target() if tuner is not None else None)(this()))
+
+        def tap_target():
+            tuner = this()
+            return tuner._tap_target() if tuner is not None else None
+
+        self._taps = TapSet(tap_target)
         self._handles: list = []
 
     # -- injection ----------------------------------------------------------------------------
@@ -142,28 +148,23 @@ class FishDipModel(SteppingMixin, BaseTuner):
             adapter.put_into_weights()
         adapter.values.requires_grad_(trainable)
 
-    class _WeightsOf:
-        def __init__(self, tuner, adapter_name):
-            self.tuner, self.name = tuner, adapter_name
-
-        def __enter__(self):
-            self.was = {n: a.in_weights for n, a in self.tuner.sparse_adapters.items()}
-            for name, adapter in self.tuner.sparse_adapters.items():
-                if name != self.name:
-                    adapter.remove_from_weights()
-            self.tuner.sparse_adapters[self.name].put_into_weights()
-
-        def __exit__(self, *exc):
-            for name, adapter in self.tuner.sparse_adapters.items():
-                if not self.was.get(name, False):
-                    adapter.remove_from_weights()
-            for name, adapter in self.tuner.sparse_adapters.items():
-                if self.was.get(name, False):
-                    adapter.put_into_weights()
-
-    def _weights_of(self, adapter_name: str) -> "_WeightsOf":
+    @contextmanager
+    def _weights_of(self, adapter_name: str):
         """Within it, the weights hold `adapter_name`'s values (and no other adapter's)."""
-        return self._WeightsOf(self, adapter_name)
+        was = {name: adapter.in_weights for name, adapter in self.sparse_adapters.items()}
+        for name, adapter in self.sparse_adapters.items():
+            if name != adapter_name:
+                adapter.remove_from_weights()
+        self.sparse_adapters[adapter_name].put_into_weights()
+        try:
+            yield
+        finally:
+            for name, adapter in self.sparse_adapters.items():
+                if not was.get(name, False):
+                    adapter.remove_from_weights()
+            for name, adapter in self.sparse_adapters.items():
+                if was.get(name, False):
+                    adapter.put_into_weights()
 
     def _tap_target(self) -> Optional[SparseAdapter]:
         """The adapter whose values get gradients now: the active one, while it trains."""
