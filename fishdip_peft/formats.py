@@ -162,6 +162,13 @@ def check_manifest(tensors: dict[str, torch.Tensor]) -> None:
         )
 
 
+def valid_positions(positions: torch.Tensor, numel: int) -> bool:
+    """Whether 1-D `positions` are sorted, unique and inside a tensor of `numel` entries."""
+    if positions.numel() == 0:
+        return True
+    return int(positions[0]) >= 0 and int(positions[-1]) < numel and not bool((positions[1:] <= positions[:-1]).any())
+
+
 def _group_by_weight(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -225,9 +232,7 @@ def _checked_entry(adapter, name: str, group: dict[str, torch.Tensor]):
         raise ValueError(f"'{name}': fishdip_deltas must be floating point, got {deltas.dtype}.")
     if not bool(torch.isfinite(deltas).all()):
         raise ValueError(f"'{name}': fishdip_deltas holds NaN or infinite values; the adapter is corrupt.")
-    if positions.numel() and (
-        positions.min() < 0 or positions.max() >= slot.numel or bool((positions[1:] <= positions[:-1]).any())
-    ):
+    if not valid_positions(positions, slot.numel):
         raise ValueError(f"'{name}': indices must be sorted, unique and inside the tensor.")
     selected = torch.zeros(positions.numel(), dtype=torch.bool)
     if "fishdip_selected" in group:
@@ -332,8 +337,7 @@ def _check_training_state(adapter, entry: Mapping[str, Any]) -> None:
         for field, positions in (("index", index), ("touched", touched)):
             if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64 or positions.dim() != 1:
                 raise _bad(f"{field} of '{slot.name}'", "must be a 1-D int64 tensor")
-            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= slot.numel
-                                      or bool((positions[1:] <= positions[:-1]).any())):
+            if not valid_positions(positions, slot.numel):
                 raise _bad(f"{field} of '{slot.name}'", "must be sorted, unique positions inside the weight")
         if index.numel() and not bool(torch.isin(index, touched).all()):
             raise _bad(f"index of '{slot.name}'", "holds positions that were never touched")
