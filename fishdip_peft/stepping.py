@@ -154,10 +154,13 @@ class SteppingMixin:
         if labels.is_floating_point():
             raise ValueError(f"token labels must be integer ids, got {labels.dtype}; pass labels.long().")
         counted = labels[labels != IGNORE_INDEX]
+        if counted.numel() == 0:
+            return
+        low, high = (int(v) for v in torch.aminmax(counted))
         vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        if counted.numel() and (int(counted.min()) < 0 or (vocab is not None and int(counted.max()) >= vocab)):
+        if low < 0 or (vocab is not None and high >= vocab):
             raise ValueError(f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX} (not a target); got values "
-                             f"from {int(counted.min())} to {int(counted.max())}.")
+                             f"from {low} to {high}.")
 
     def _check_processes(self) -> None:
         if distributed.is_multi_process() and not self.prepared_for_processes:
