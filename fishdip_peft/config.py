@@ -135,6 +135,9 @@ class FishDipConfig(PeftConfig):
         if saved is None:
             return config
         if json.loads(config.to_json()) == {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS}:
+            return config  # the pair agrees; the file's manifest is checked when it loads
+        saved = embedded_config(weights, verify=True)  # the embedded config is about to be used: trust it first
+        if not saved:
             return config
         warnings.warn(f"{os.path.join(folder, 'adapter_config.json')} differs from the config saved inside "
                       f"{weights} (an interrupted save?); using the adapter file's own config.")

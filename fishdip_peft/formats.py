@@ -28,6 +28,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+import peft.peft_model as peft_model
 import torch
 from safetensors import safe_open
 
@@ -61,8 +62,6 @@ def write_next_adapter_file_atomically() -> None:
     target. Any other write goes to peft's writer unchanged; nothing stays patched after the save
     (`FishDipConfig.save_pretrained`, which peft calls next, disarms it in any case).
     """
-    import peft.peft_model as peft_model
-
     original = peft_model.safe_save_file
     if getattr(original, "fishdip_one_shot", False):
         return
@@ -83,8 +82,6 @@ def write_next_adapter_file_atomically() -> None:
 
 
 def disarm_adapter_file_writer() -> None:
-    import peft.peft_model as peft_model
-
     writer = peft_model.safe_save_file
     if getattr(writer, "fishdip_one_shot", False):
         peft_model.safe_save_file = writer.original
@@ -118,22 +115,29 @@ def adapter_state_dict(adapter, delta_dtype: str, config_json: str = "") -> dict
     return tensors
 
 
-def embedded_config(path: str) -> dict | None:
-    """The config saved inside an adapter file (None for files without one). Reading it also checks that
-    the file is readable and matches its manifest: a clear error names the file otherwise."""
+def embedded_config(path: str, verify: bool = False) -> dict | None:
+    """The config saved inside an adapter file (None without one; {} if damaged). Opening checks the file is
+    readable; `verify` first checks every tensor against the manifest, as loading does, for when the
+    embedded config is to be used. A clear error names the file otherwise."""
     try:
         with safe_open(path, "pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            keys = list(handle.keys())
+            wanted = keys if verify else [CONFIG_KEY] if CONFIG_KEY in keys else []
+            tensors = {key: handle.get_tensor(key) for key in wanted}
     except Exception as error:
         raise ValueError(f"{path} is not a readable adapter file ({type(error).__name__}: {error}); save the "
                          "adapter again or use an intact copy. Nothing was changed.") from error
-    try:
-        check_manifest(tensors)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    if verify:
+        try:
+            check_manifest(tensors)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     if CONFIG_KEY not in tensors:
         return None
-    return json.loads(bytes(tensors[CONFIG_KEY].to(torch.uint8).tolist()).decode())
+    try:
+        return json.loads(bytes(tensors[CONFIG_KEY].to(torch.uint8).tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # damaged: it matches no config, so the caller verifies the file, which refuses it
 
 
 def is_fishdip_key(key: str) -> bool:
