@@ -1,12 +1,17 @@
-"""Empirical Fisher information of a set of samples, one backward pass per sample."""
+"""Empirical Fisher information of a set of samples: per-sample gradients squared and summed."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .losses import IGNORE_INDEX, sample_losses
+from .per_sample import BatchedSquaredGradients, CannotBatch
 
 
 def trim_right_padding(sample: Mapping[str, Any]) -> dict[str, Any]:
@@ -28,20 +33,124 @@ def trim_right_padding(sample: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+_PAD_VALUES = {"attention_mask": 0, "decoder_attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0,
+               "position_ids": 0, "decoder_input_ids": 0}
+
+
+def collate_samples(samples: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """One right-padded batch of one-sample inputs, or None where padding would change a sample's result.
+
+    Tensors of equal shapes are concatenated. Sequences of different lengths are padded on the right for
+    the keys whose padding is inert: masks with 0, `labels` with the ignore index, ids with 0 (the
+    `input_ids` only when an `attention_mask` masks them out; decoders are causal).
+    """
+    keys = list(samples[0])
+    if any(list(s) != keys for s in samples):
+        return None
+    padded = {k: v for k, v in _PAD_VALUES.items() if k != "input_ids"}
+    if "attention_mask" in keys:
+        padded["input_ids"] = 0
+    batch = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            if any(v is not values[0] and v != values[0] for v in values):
+                return None
+            batch[key] = values[0]
+            continue
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) == 1:
+            batch[key] = torch.cat(values)
+            continue
+        if key not in padded or any(v.dim() != 2 or v.shape[0] != 1 for v in values):
+            return None
+        length = max(v.shape[1] for v in values)
+        batch[key] = torch.cat([F.pad(v, (0, length - v.shape[1]), value=padded[key]) for v in values])
+    return batch
+
+
 def empirical_fisher(
-    model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter], *, mean: bool = True
+    model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter], *, mean: bool = True,
+    autocast_dtype: Optional[torch.dtype] = None, batched: bool = True,
 ) -> list[torch.Tensor]:
     """F = (1/n) Σ_i (∇ ℓ_i)² for each of `parameters`, as float32 tensors of their shapes (the sum
     Σ_i (∇ ℓ_i)² with `mean=False`, zeros when there is no sample).
 
     Each sample is a model-input dict with a leading batch size of 1 whose forward pass returns the
     sample's loss (`outputs.loss`, i.e. it holds `labels`). The model runs in eval mode (no dropout);
-    its training flags, the parameters' `requires_grad` and `.grad` are restored afterwards. Only one
-    dense gradient exists at a time: each is squared into its score as soon as it is complete.
+    its training flags, the parameters' `requires_grad` and `.grad` are restored afterwards.
+
+    The samples run as one padded batch whose per-sample gradients are formed layer by layer
+    (`per_sample.BatchedSquaredGradients`). Where that cannot reproduce each sample's own loss (inputs
+    that cannot be padded, a module not batched on the first dimension, a model whose loss is not the
+    mean of its per-sample losses), and with `batched=False`, they run one at a time, with the same
+    result. `autocast_dtype` (e.g. torch.bfloat16) runs the forward and backward under autocast (opt-in,
+    approximate); the scores are accumulated in float32.
     """
     scores = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters]
+    if not samples:
+        return scores
+    device = parameters[0].device.type
+    autocast = (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     saved = [(p.requires_grad, p.grad) for p in parameters]
     training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        batch = collate_samples(samples) if batched and len(samples) > 1 else None
+        try:
+            if batch is None:
+                raise CannotBatch("the samples cannot form one batch")
+            _batched(model, batch, len(samples), parameters, scores, autocast)
+        except CannotBatch:
+            for score in scores:
+                score.zero_()
+            _one_at_a_time(model, samples, parameters, scores, autocast)
+    finally:
+        for param, (requires_grad, grad) in zip(parameters, saved):
+            param.requires_grad_(requires_grad)
+            param.grad = grad
+        for module, was_training in training:
+            module.training = was_training
+    if mean:
+        for score in scores:
+            score.div_(len(samples))
+    return scores
+
+
+def _check_loss(loss: Optional[torch.Tensor]) -> None:
+    if loss is None:
+        raise ValueError("the model returned no loss: the samples passed to step() need `labels`.")
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise FloatingPointError(f"a pooled sample has a non-finite loss ({loss.detach().tolist()}).")
+
+
+def _batched(model, batch, n, parameters, scores, autocast) -> None:
+    for param in parameters:
+        param.grad = None
+        param.requires_grad_(False)
+    with BatchedSquaredGradients(model, parameters, scores, n, autocast) as squares:
+        with torch.enable_grad(), autocast():
+            outputs = model(**batch)
+        _check_loss(outputs.loss)
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else None
+        if logits is None:
+            raise CannotBatch("the model returns no logits")
+        try:
+            with torch.enable_grad():
+                losses, weights = sample_losses(model, logits, batch["labels"])
+        except ValueError as error:
+            raise CannotBatch(str(error)) from None
+        _check_loss(losses)
+        mean = (losses.detach() * weights).sum() / weights.sum().clamp(min=1)
+        if not torch.allclose(mean, outputs.loss.detach().float(), rtol=1e-3, atol=1e-5):
+            raise CannotBatch("the model's loss is not the mean of the per-sample losses")
+        if losses.requires_grad:
+            losses.sum().backward()
+        squares.finish()
+
+
+def _one_at_a_time(model, samples, parameters, scores, autocast) -> None:
+    """One forward and backward per sample; each dense gradient is squared into its score when complete."""
     handles = []
 
     def square_into(score: torch.Tensor):
@@ -53,28 +162,15 @@ def empirical_fisher(
         return hook
 
     try:
-        model.eval()
         for param, score in zip(parameters, scores):
             param.grad = None
             param.requires_grad_(True)
             handles.append(param.register_post_accumulate_grad_hook(square_into(score)))
         for sample in samples:
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast():
                 loss = model(**sample).loss
-            if loss is None:
-                raise ValueError("the model returned no loss: the samples passed to step() need `labels`.")
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"a pooled sample has a non-finite loss ({loss.detach().item()}).")
+            _check_loss(loss)
             loss.backward()
     finally:
         for handle in handles:
             handle.remove()
-        for param, (requires_grad, grad) in zip(parameters, saved):
-            param.requires_grad_(requires_grad)
-            param.grad = grad
-        for module, was_training in training:
-            module.training = was_training
-    if mean and samples:
-        for score in scores:
-            score.div_(len(samples))
-    return scores
