@@ -1,8 +1,11 @@
 """The collectives of data-parallel FISH-DIP: every process holds the whole model and the same mask.
 
-- `average_gradient` averages the values' gradient over the processes (one all-reduce of K + 1 floats),
-  which is what DDP would have done (the values get their gradient outside autograd, so FISH-DIP models
-  are not wrapped in DDP; see `integrations.py`);
+- `average_gradient` averages the values' gradient over the processes (one all-reduce of K + 1 floats)
+  for a model that FishDipTrainer or `prepare_with_accelerator` keep unwrapped (see `integrations.py`);
+- a model trained inside DistributedDataParallel (the plain Trainer) needs none: DDP's reducer averages a
+  parameter's `.grad` when autograd runs its gradient accumulator, and the values' accumulator runs once
+  per backward, after every tap has added its part (`trains_in_ddp`); `same_in_every_process` checks
+  that the averaged gradient agrees before each optimizer step;
 - a mask refresh ranks the weights by the Fisher of the global top-n samples: every process keeps
   its own pool, the pools' keys are gathered (`my_share_of_pool`), each process computes the Fisher
   of its own share of the global top-n and the scores are summed by an all-reduce
@@ -12,12 +15,18 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .lookup import fishdip_tuner
+
+_in_ddp: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # tuners whose training forwards DDP runs
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def world_size() -> int:
@@ -49,6 +58,46 @@ def average_gradient(values: torch.Tensor) -> None:
     dist.all_reduce(buffer)
     if float(buffer[-1]) != 0.0:
         values.grad = buffer[:-1].div_(world_size()).view_as(values).to(values.dtype).clone()
+
+
+@torch.no_grad()
+def same_in_every_process(tensor: Optional[torch.Tensor], device) -> bool:
+    """Whether `tensor` (or None everywhere) holds the same bits in every process: two checksums of its
+    bits, compared by one all-reduce of 6 integers."""
+    sums = torch.zeros(3, dtype=torch.int64, device=device)
+    if tensor is not None:
+        flat = tensor.detach().contiguous().reshape(-1)
+        bits = flat.view(_INT_OF_SIZE[flat.element_size()]).long()
+        weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+        sums[0], sums[1], sums[2] = 1, bits.sum(), (bits * weights).sum()  # integer sums wrap, exactly
+    both = torch.cat([sums, -sums])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(both[:3], -both[3:]))
+
+
+# -- training inside DistributedDataParallel ---------------------------------------------------------
+def trains_in_ddp(tuner: nn.Module) -> bool:
+    """Whether `tuner`'s training forwards run inside a DistributedDataParallel that wraps it: True from
+    the first one that does, which also gives each process its own uniform-pool stream."""
+    if tuner in _in_ddp:
+        return True
+    ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()  # the DDP whose forward runs now
+    try:
+        wrapped = ddp is not None and fishdip_tuner(ddp.module) is tuner
+    except TypeError:
+        wrapped = False
+    if wrapped:
+        _in_ddp.add(tuner)
+        seed_uniform_pools(tuner)
+    return wrapped
+
+
+def seed_uniform_pools(tuner) -> None:
+    """In a fresh run, give each process its own stream for the uniform pool (seed + rank)."""
+    for name in tuner.sparse_adapters:
+        config, progress = tuner.peft_config[name], tuner.progress[name]
+        if not config.sample_aware and progress.optimizer_steps == 0 and len(progress.pool) == 0:
+            progress.pool.reseed(config.seed + rank())
 
 
 # -- initial state -----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """FISH-DIP with accelerate and several processes: preparing the model, syncing gradients.
 
-A FISH-DIP model is not wrapped in DDP (its values get their gradient outside autograd): accelerate
-places it and applies mixed precision, process 0's state is broadcast, and the values' gradient is
-averaged before each optimizer step (`sync_gradients`, also run by an optimizer pre-hook that
-`register_optimizer` installs).
+A model prepared here is not wrapped in DDP (its values get their gradient outside autograd, from the
+taps): accelerate places it and applies mixed precision, process 0's state is broadcast, and the values'
+gradient is averaged before each optimizer step (`sync_gradients`, also run by an optimizer pre-hook
+that `register_optimizer` installs), after the whole backward. A model wrapped in DDP instead (the plain
+Trainer) has the gradient averaged by DDP's reducer (see `distributed.py`).
 """
 
 from __future__ import annotations
@@ -66,11 +67,9 @@ def sync_initial_state(model: nn.Module) -> None:
     tuner = fishdip_tuner(model)
     tuner.prepared_for_processes = True
     distributed.broadcast_parameters_and_buffers(model)
-    for name, adapter in tuner.sparse_adapters.items():
+    for adapter in tuner.sparse_adapters.values():
         adapter.write_back(force=True)
-        config, progress = tuner.peft_config[name], tuner.progress[name]
-        if not config.sample_aware and progress.optimizer_steps == 0 and len(progress.pool) == 0:
-            progress.pool.reseed(config.seed + distributed.rank())
+    distributed.seed_uniform_pools(tuner)
 
 
 def check_accelerator(accelerator) -> None:
