@@ -40,7 +40,7 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
             base[found] = s.base.to(base.dtype)
         delta = torch.zeros(touched.numel(), dtype=torch.float32, device=slot.param.device)
         for s, weight, source in parts:
-            if s.touched.numel():
+            if s.num_touched:
                 delta[torch.searchsorted(touched, s.touched)] += weight * (
                     source.trained_values_at_touched(s) - s.base.float())
         slot.touched, slot.base = touched, base

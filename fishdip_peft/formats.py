@@ -93,11 +93,11 @@ def adapter_state_dict(adapter, delta_dtype: str, config_json: str = "") -> dict
     adapter.write_back()
     tensors = {}
     for slot in adapter.slots:
-        if slot.touched.numel() == 0:
+        if slot.num_touched == 0:
             continue
         delta = adapter.trained_values_at_touched(slot) - slot.base.float()
         selected = torch.zeros(slot.touched.numel(), dtype=torch.bool, device=delta.device)
-        if slot.index.numel():
+        if slot.num_selected:
             selected[torch.searchsorted(slot.touched, slot.index)] = True
         keep = (delta != 0) | selected
         if not bool(keep.any()):

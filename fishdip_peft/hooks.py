@@ -36,7 +36,7 @@ class DenseTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight):
         slot = ctx.slot
-        if slot.index.numel():
+        if slot.num_selected:
             ctx.adapter.accumulate(slot, grad_weight.reshape(-1).index_select(0, slot.index.to(grad_weight.device)))
         return None, None, None, None
 
@@ -50,7 +50,7 @@ def _selected_grad_sink(module: nn.Module, adapter, weight_slot, bias_slot):
 
     def sink(delta, inputs):
         x = inputs[0]
-        if weight_slot is not None and weight_slot.index.numel():
+        if weight_slot is not None and weight_slot.num_selected:
             rows, cols = split_positions(weight_slot.index.to(delta.device), weight_slot.param.shape)
             if isinstance(module, nn.Embedding):
                 grad = selected_embedding_grad(x, delta, rows, cols, module.num_embeddings, module.padding_idx,
@@ -58,7 +58,7 @@ def _selected_grad_sink(module: nn.Module, adapter, weight_slot, bias_slot):
             else:
                 grad = selected_linear_grad(x, delta, rows, cols, transposed=_is_conv1d(module))
             adapter.accumulate(weight_slot, grad)
-        if bias_slot is not None and bias_slot.index.numel():
+        if bias_slot is not None and bias_slot.num_selected:
             adapter.accumulate(bias_slot, selected_bias_grad(delta, bias_slot.index.to(delta.device)))
 
     return sink

@@ -388,7 +388,7 @@ class FishDipModel(SteppingMixin, BaseTuner):
             with self._weights_of(adapter_name):  # the random start of init_weights=False gives way to the file
                 adapter.reset()
             self.progress[adapter_name] = AdapterProgress(progress.pool)
-        elif any(slot.touched.numel() for slot in adapter.slots):
+        elif any(slot.num_touched for slot in adapter.slots):
             warnings.warn(f"adapter '{adapter_name}' already holds deltas; loading its file again changes nothing.")
             return
         with self._weights_of(adapter_name):

@@ -14,7 +14,6 @@ Nothing here is O(|θ|): the boolean `mask` over all eligible entries is built o
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,26 +28,53 @@ def positions_in(sorted_positions: torch.Tensor, queries: torch.Tensor) -> tuple
     return found, sorted_positions[found] == queries
 
 
-@dataclass
+def position_dtype(numel: int) -> torch.dtype:
+    """The dtype that stores positions in a tensor of `numel` entries: int32 unless it cannot."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
 class Slot:
-    """One eligible weight tensor and one adapter's share of it."""
+    """One eligible weight tensor and one adapter's share of it.
 
-    name: str
-    param: nn.Parameter
-    flat_offset: int  # position of the tensor's first entry in the flat mask
-    index: torch.Tensor = field(default=None)  # sorted int64 positions (within the tensor) that are trainable
-    value_offset: int = 0  # where the tensor's trainable entries start in `values`
-    touched: torch.Tensor = field(default=None)  # sorted int64 positions ever trained or loaded
-    base: torch.Tensor = field(default=None)  # base values at `touched`, in the weight dtype
-    stash: Optional[torch.Tensor] = None  # trained values at `touched` while out of the weights
+    `index` (sorted positions within the tensor that are trainable) and `touched` (sorted positions ever
+    trained or loaded) read as int64 tensors and are stored as int32 where the tensor allows; `base`
+    holds the base values at `touched` in the weight dtype, `stash` the trained values there while the
+    adapter is out of the weights.
+    """
 
-    def __post_init__(self):
-        if not self.param.is_contiguous():
-            raise ValueError(f"FISH-DIP needs contiguous weights; '{self.name}' is not (call .contiguous() first).")
-        empty = torch.empty(0, dtype=torch.int64, device=self.param.device)
-        self.index = empty if self.index is None else self.index
-        self.touched = empty.clone() if self.touched is None else self.touched
-        self.base = torch.empty(0, dtype=self.param.dtype, device=self.param.device) if self.base is None else self.base
+    def __init__(self, name: str, param: nn.Parameter, flat_offset: int):
+        if not param.is_contiguous():
+            raise ValueError(f"FISH-DIP needs contiguous weights; '{name}' is not (call .contiguous() first).")
+        self.name, self.param, self.flat_offset = name, param, flat_offset  # offset: first entry in the flat mask
+        self._dtype = position_dtype(param.numel())
+        self.value_offset = 0  # where the tensor's trainable entries start in `values`
+        self.index = self.touched = torch.empty(0, dtype=torch.int64, device=param.device)
+        self.base = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.stash: Optional[torch.Tensor] = None
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self._index.long()
+
+    @index.setter
+    def index(self, positions: torch.Tensor) -> None:
+        self._index = positions.to(self._dtype)
+
+    @property
+    def touched(self) -> torch.Tensor:
+        return self._touched.long()
+
+    @touched.setter
+    def touched(self, positions: torch.Tensor) -> None:
+        self._touched = positions.to(self._dtype)
+
+    @property
+    def num_selected(self) -> int:
+        return self._index.numel()
+
+    @property
+    def num_touched(self) -> int:
+        return self._touched.numel()
 
     @property
     def numel(self) -> int:
@@ -59,13 +85,13 @@ class Slot:
         return self.param.data.view(-1)
 
     def value_range(self) -> slice:
-        return slice(self.value_offset, self.value_offset + self.index.numel())
+        return slice(self.value_offset, self.value_offset + self.num_selected)
 
     def follow_device(self) -> None:
         """Move the position tensors to the weight's device and dtype (after `model.to(...)`)."""
         device, dtype = self.param.device, self.param.dtype
-        if self.index.device != device:
-            self.index, self.touched = self.index.to(device), self.touched.to(device)
+        if self._index.device != device:
+            self._index, self._touched = self._index.to(device), self._touched.to(device)
         if self.base.device != device or self.base.dtype != dtype:
             self.base = self.base.to(device, dtype)
         if self.stash is not None and (self.stash.device != device or self.stash.dtype != dtype):
@@ -117,7 +143,7 @@ class SparseAdapter:
 
     @property
     def has_selection(self) -> bool:
-        return any(slot.index.numel() for slot in self.slots)
+        return any(slot.num_selected for slot in self.slots)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -154,7 +180,7 @@ class SparseAdapter:
         if not self.in_weights or (not force and self.values._version == self._written_version):
             return
         for slot in self.slots:
-            if slot.index.numel():
+            if slot.num_selected:
                 slot.follow_device()
                 update = self.values[slot.value_range()].to(slot.param.device, slot.param.dtype)
                 slot.flat.index_copy_(0, slot.index, update)
@@ -205,7 +231,7 @@ class SparseAdapter:
         """The adapter's trained values at `slot.touched` (float32, exact for the trainable entries)."""
         slot.follow_device()
         current = (slot.flat[slot.touched] if self.in_weights else slot.stash).float()
-        if slot.index.numel():
+        if slot.num_selected:
             where = torch.searchsorted(slot.touched, slot.index)
             current[where] = self.values[slot.value_range()].detach().to(current.device)
         return current
