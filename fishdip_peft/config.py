@@ -21,6 +21,7 @@ from .peft_type import FISHDIP_PEFT_TYPE
 
 RUNTIME_FIELDS = ("inference_mode", "base_model_name_or_path", "revision", "auto_mapping")
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
+FISHER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class FishDipConfig(PeftConfig):
         seed: Seed of the random sample pool used when `sample_aware=False` (and of `init_weights=False`).
         delta_dtype: Dtype of the deltas written by `save_pretrained`: "float32" (exact), "bfloat16" or
             "float16" (smaller, rounded).
+        fisher_dtype: Precision of the Fisher pass at a mask refresh: "float32" (default, exact) or, opt-in,
+            "bfloat16" / "float16", which run its forward and backward under autocast (faster where the
+            hardware has fast half-precision products; the scores are still summed in float32, and a few
+            entries near the top-K boundary may be ranked differently).
         init_weights: True (default) starts from the base model itself. False (peft's switch for tests)
             starts from a random mask whose entries get small random deltas, so outputs differ from the base.
         modules_to_save: Modules (e.g. a new classification head) trained in full and saved beside the
@@ -71,6 +76,7 @@ class FishDipConfig(PeftConfig):
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random pool when sample_aware=False."})
     delta_dtype: str = field(default="float32", metadata={"help": "Dtype of the saved deltas."})
+    fisher_dtype: str = field(default="float32", metadata={"help": "Precision of the Fisher pass (opt-in autocast)."})
     init_weights: bool = field(
         default=True, metadata={"help": "False: start from a random mask with small random deltas (for tests)."}
     )
@@ -105,6 +111,12 @@ class FishDipConfig(PeftConfig):
                 'Example: delta_dtype="bfloat16" (halves the saved deltas) or delta_dtype="float32" (exact).'
             )
         self.delta_dtype = str(self.delta_dtype)
+        if not isinstance(self.fisher_dtype, str) or self.fisher_dtype not in FISHER_DTYPES:
+            raise ValueError(
+                f"fisher_dtype must be one of {FISHER_DTYPES}, got {self.fisher_dtype!r}. "
+                'Example: fisher_dtype="bfloat16" (a faster, approximate Fisher pass) or "float32" (exact).'
+            )
+        self.fisher_dtype = str(self.fisher_dtype)
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, _as_modules(name, getattr(self, name)))
         self.modules_to_save = _as_name_list("modules_to_save", self.modules_to_save)

@@ -89,6 +89,20 @@ class SteppingMixin:
                     "(model(**batch) with batch['labels'], as the Trainer does). If your loop computes the loss "
                     "outside the model, call model.step(per_sample_losses, batch) before optimizer.step()."
                 )
+        if distributed.is_multi_process() and not self.prepared_for_processes:  # averaged by DDP: check it
+            for name, adapter in self.sparse_adapters.items():
+                values = adapter.values
+                if not (values.requires_grad and adapter.holds_values(optimizer)):
+                    continue
+                if not distributed.same_in_every_process(values.grad, values.device):
+                    raise RuntimeError(
+                        f"the gradient of FISH-DIP adapter '{name}' differs between processes, so their weights "
+                        "would drift apart. DistributedDataParallel averages it when autograd runs the values' "
+                        "gradient accumulator, which must happen once per backward, after every tap: reentrant "
+                        "gradient checkpointing runs it once per checkpointed segment (use "
+                        "gradient_checkpointing_kwargs={'use_reentrant': False}), and DDP must not ignore the "
+                        "values. FishDipTrainer averages the gradient itself in every case."
+                    )
 
     def _after_optimizer_step(self, optimizer) -> None:
         for name, adapter in self.sparse_adapters.items():
@@ -163,13 +177,16 @@ class SteppingMixin:
                              f"from {low} to {high}.")
 
     def _check_processes(self) -> None:
-        if distributed.is_multi_process() and not self.prepared_for_processes:
-            raise RuntimeError(
-                "FISH-DIP runs in several processes only through FishDipTrainer or "
-                "fishdip_peft.prepare_with_accelerator(accelerator, model, optimizer, ...): its values get their "
-                "gradient outside autograd, which DistributedDataParallel cannot average, so the model must stay "
-                "unwrapped. Use FishDipTrainer in place of Trainer (or SFTTrainer's model with FishDipTrainer)."
-            )
+        """With several processes, the values' gradient must be averaged: by DistributedDataParallel (the
+        plain Trainer, accelerate's `prepare`), or by FishDipTrainer / `prepare_with_accelerator`."""
+        if not distributed.is_multi_process() or self.prepared_for_processes or distributed.trains_in_ddp(self):
+            return
+        raise RuntimeError(
+            "FISH-DIP in several processes needs its values' gradient averaged: train the model wrapped in "
+            "DistributedDataParallel (as transformers' Trainer, TRL's SFTTrainer and accelerate's prepare do) or "
+            "through FishDipTrainer or fishdip_peft.prepare_with_accelerator(accelerator, model, optimizer, ...). "
+            "This training forward runs outside DDP: wrap the model, or use FishDipTrainer in place of Trainer."
+        )
 
     def _check_trainable(self, name: str) -> None:
         if self._disabled:
@@ -272,7 +289,9 @@ class SteppingMixin:
         self.fishdip_state.write_back()
         self._computing_fisher = True
         try:
-            return empirical_fisher(self.model, samples, params, mean=False)
+            precision = self.peft_config[self._single_active()].fisher_dtype
+            autocast_dtype = None if precision == "float32" else getattr(torch, precision)
+            return empirical_fisher(self.model, samples, params, mean=False, autocast_dtype=autocast_dtype)
         except FloatingPointError as error:
             warnings.warn(f"mask refresh skipped: {error}")
             return None

@@ -126,3 +126,29 @@ def test_bf16_autocast_fisher_is_close_and_accumulates_in_float32():
     flat_exact, flat_low = torch.cat([s.flatten() for s in exact]), torch.cat([s.flatten() for s in low])
     assert not torch.equal(flat_exact, flat_low)
     assert torch.corrcoef(torch.stack([flat_exact, flat_low]))[0, 1] > 0.99
+
+
+def test_fisher_dtype_is_validated_and_used_by_the_refresh(monkeypatch):
+    from peft import get_peft_model
+
+    from fishdip_peft import FishDipConfig, forward_with_per_sample_losses
+
+    with pytest.raises(ValueError, match="fisher_dtype must be one of"):
+        FishDipConfig(fisher_dtype="int8")
+    seen = []
+    original = fisher.empirical_fisher
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("autocast_dtype"))
+        return original(*args, **kwargs)
+
+    import fishdip_peft.stepping as stepping
+
+    monkeypatch.setattr(stepping, "empirical_fisher", spy)
+    for precision, expected in (("float32", None), ("bfloat16", torch.bfloat16)):
+        model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05, fisher_dtype=precision))
+        batch = causal_batch(0)
+        _, losses = forward_with_per_sample_losses(model, batch)
+        assert model.step(losses, batch)
+        assert seen[-1] == expected
+        assert int(model.base_model.mask.sum()) == model.base_model.sparse_adapters["default"].k
