@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -22,11 +21,12 @@ from .losses import per_sample_losses_from_outputs
 from .lookup import fishdip_tuner
 from .pool import RegressingPool
 from .progress import AdapterProgress
+from .activation import ActivationMixin
 from .sparse import SparseAdapter
 from .stepping import SteppingMixin
 
 
-class FishDipModel(SteppingMixin, BaseTuner):
+class FishDipModel(ActivationMixin, SteppingMixin, BaseTuner):
     """Sample-aware dynamic sparse fine-tuning (FISH-DIP, Das et al., EMNLP 2023) as a PEFT tuner.
 
     Each adapter keeps K = round(density · |θ|) entries of the eligible weights θ trainable and
@@ -58,6 +58,7 @@ class FishDipModel(SteppingMixin, BaseTuner):
         self.sparse_adapters: dict[str, SparseAdapter] = {}
         self.progress: dict[str, AdapterProgress] = {}
         self.merged_adapters: list[str] = []
+        self._overlay: list[str] = []  # the active adapters whose deltas are added to the weights
         self._disabled = False
         self._computing_fisher = False
         self._original_requires_grad: Optional[dict[str, bool]] = None
@@ -138,34 +139,6 @@ class FishDipModel(SteppingMixin, BaseTuner):
             raise ValueError(f"FISH-DIP runs one active adapter at a time; active: {active}. Use set_adapter(name).")
         return active[0]
 
-    def _activate(self, adapter_name: str, trainable: bool) -> None:
-        for name, other in self.sparse_adapters.items():
-            if name != adapter_name:
-                other.remove_from_weights()
-                other.values.requires_grad_(False)
-        adapter = self.sparse_adapters[adapter_name]
-        if not self._disabled:
-            adapter.put_into_weights()
-        adapter.values.requires_grad_(trainable)
-
-    @contextmanager
-    def _weights_of(self, adapter_name: str):
-        """Within it, the weights hold `adapter_name`'s values (and no other adapter's)."""
-        was = {name: adapter.in_weights for name, adapter in self.sparse_adapters.items()}
-        for name, adapter in self.sparse_adapters.items():
-            if name != adapter_name:
-                adapter.remove_from_weights()
-        self.sparse_adapters[adapter_name].put_into_weights()
-        try:
-            yield
-        finally:
-            for name, adapter in self.sparse_adapters.items():
-                if not was.get(name, False):
-                    adapter.remove_from_weights()
-            for name, adapter in self.sparse_adapters.items():
-                if was.get(name, False):
-                    adapter.put_into_weights()
-
     def _tap_target(self) -> Optional[SparseAdapter]:
         """The adapter whose values get gradients now: the active one, while it trains."""
         if self._disabled or self._computing_fisher or not torch.is_grad_enabled():
@@ -238,69 +211,6 @@ class FishDipModel(SteppingMixin, BaseTuner):
     def _check_new_adapter_config(self, config) -> None:
         pass
 
-    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if len(names) != 1:
-            raise ValueError(f"FISH-DIP runs one active adapter at a time; got {names}.")
-        if names[0] not in self.sparse_adapters:
-            raise ValueError(f"unknown adapter '{names[0]}'; this model has {list(self.sparse_adapters)}.")
-        self.active_adapter = names[0]
-        self.fishdip_layer.set_adapter(names[0])
-        self._activate(names[0], trainable=not inference_mode)
-
-    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            self.sparse_adapters[name].values.requires_grad_(requires_grad)
-
-    def disable_adapter_layers(self) -> None:
-        if not self._disabled:
-            for adapter in self.sparse_adapters.values():
-                adapter.remove_from_weights()
-            self._disabled = True
-            self.fishdip_layer.enable_adapters(False)
-
-    def enable_adapter_layers(self) -> None:
-        if self._disabled:
-            self._disabled = False
-            self.fishdip_layer.enable_adapters(True)
-            active = [n for n in self.active_adapters if n in self.sparse_adapters]
-            if active:
-                self.sparse_adapters[active[0]].put_into_weights()
-
-    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
-        """The active adapter's deltas already live in the weights; merging marks them as part of the
-        model, so it stops training until `unmerge_adapter()`."""
-        name = self._single_active()
-        if name in self.merged_adapters:
-            warnings.warn("All adapters are already merged, nothing to do.")
-            return
-        self.enable_adapter_layers()
-        self.sparse_adapters[name].write_back()
-        self.merged_adapters.append(name)
-        self.fishdip_layer.merged_adapters = list(self.merged_adapters)
-
-    def unmerge_adapter(self) -> None:
-        if not self.merged_adapters:
-            warnings.warn("Already unmerged. Nothing to do.")
-        self.merged_adapters = []
-        self.fishdip_layer.merged_adapters = []
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """The base model with the active adapter's trained values in its weights and no FISH-DIP state."""
-        self.enable_adapter_layers()
-        name = self._single_active()
-        self._activate(name, trainable=False)
-        self.sparse_adapters[name].write_back()
-        return self._detach()
-
-    def unload(self) -> nn.Module:
-        """The base model with its original weights, bit for bit, and no FISH-DIP state."""
-        self.enable_adapter_layers()
-        for adapter in self.sparse_adapters.values():
-            adapter.remove_from_weights()
-        return self._detach()
-
     def _detach(self) -> nn.Module:
         self._taps.remove()
         for handle in self._handles:
@@ -308,7 +218,7 @@ class FishDipModel(SteppingMixin, BaseTuner):
         self._handles = []
         for param in self.model.parameters():
             param.requires_grad_(False)
-        self.sparse_adapters, self.progress = {}, {}
+        self.sparse_adapters, self.progress, self._overlay = {}, {}, []
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
@@ -319,15 +229,20 @@ class FishDipModel(SteppingMixin, BaseTuner):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
                              "first.")
+        active = self._active_fishdip()
+        self._clear_overlay()
         self.sparse_adapters[adapter_name].remove_from_weights()
         del self.sparse_adapters[adapter_name], self.progress[adapter_name], self.fishdip_values[adapter_name]
         del self.peft_config[adapter_name]
-        if adapter_name in self.active_adapters:
-            remaining = list(self.sparse_adapters)
-            self.active_adapter = remaining[:1]
-            self.fishdip_layer.set_adapter(remaining[:1])
+        if adapter_name in active:
+            remaining = [n for n in active if n != adapter_name] or list(self.sparse_adapters)[:1]
             if remaining:
-                self._activate(remaining[0], trainable=False)
+                self.set_adapter(remaining if len(remaining) > 1 else remaining[0], inference_mode=True)
+            else:
+                self.active_adapter = []
+                self.fishdip_layer.set_adapter([])
+        elif len(active) > 1:
+            self._apply_overlay(active)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """A new adapter whose deltas are Σ weight_i · delta_i of `adapters` (composable sparse fine-tuning,

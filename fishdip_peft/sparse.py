@@ -213,6 +213,26 @@ class SparseAdapter:
         self._written_version = self.values._version
 
     @torch.no_grad()
+    def add_delta_to_weights(self) -> None:
+        """Add this adapter's deltas (trained − base, in float32) to whatever the weights hold; for several
+        active adapters at once. The adapter must be out of the weights; `restore_base` undoes it exactly."""
+        if self.in_weights:
+            raise RuntimeError(f"adapter '{self.name}' is in the weights; remove_from_weights() first.")
+        for slot in self.slots:
+            slot.follow_device()
+            if slot.stash is None or slot.num_touched == 0:
+                continue
+            delta = slot.stash.float() - slot.base.float()
+            slot.flat.index_copy_(0, slot.touched, (slot.flat[slot.touched].float() + delta).to(slot.param.dtype))
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Write the base values back at every touched position (after `add_delta_to_weights`)."""
+        for slot in self.slots:
+            slot.follow_device()
+            slot.flat.index_copy_(0, slot.touched, slot.base)
+
+    @torch.no_grad()
     def reset(self) -> None:
         """Forget everything: base values back in the weights, no selection, zero values."""
         for slot in self.slots:

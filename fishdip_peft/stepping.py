@@ -77,6 +77,12 @@ class SteppingMixin:
         progress.forwards_since_step += 1
 
     def _before_optimizer_step(self, optimizer) -> None:
+        active = [n for n in self.active_adapters if n in self.sparse_adapters]
+        if len(active) > 1 and any(self.sparse_adapters[n].holds_values(optimizer) for n in active):
+            raise RuntimeError(
+                f"several FISH-DIP adapters are active ({active}): their deltas are summed for inference and "
+                "merging, but FISH-DIP trains one adapter at a time. Call set_adapter(name) before training."
+            )
         for name, adapter in self.sparse_adapters.items():
             if adapter.values.requires_grad and adapter.holds_values(optimizer) and not adapter.has_selection:
                 if self.progress[name].attempts:

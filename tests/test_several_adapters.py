@@ -103,9 +103,48 @@ def test_weighted_combination_saves_and_reloads_like_any_adapter(saved, tmp_path
     torch.testing.assert_close(logits(reloaded, causal_batch(7)), combined, rtol=0, atol=1e-5)
 
 
-def test_one_active_adapter_at_a_time(saved):
+def test_several_active_adapters_sum_their_deltas_and_switch_back_exactly(saved):
     model = two_adapters(saved)
-    with pytest.raises(ValueError, match="one active adapter"):
-        model.base_model.set_adapter(["a", "b"])
+    base = {n: p.detach().clone() for n, p in tiny_llama().named_parameters()}
+    weights = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        weights[name] = {n: p.detach().clone() for n, p in model.base_model.eligible_parameters()}
+    model.base_model.set_adapter(["a", "b"])
+    assert model.active_adapters == ["a", "b"]
+    current = dict(model.base_model.model.named_parameters())
+    for n, w in weights["a"].items():  # base + delta_a + delta_b, summed in float32
+        expected = base[n] + (w - base[n]) + (weights["b"][n] - base[n])
+        torch.testing.assert_close(current[n].detach(), expected, rtol=0, atol=1e-6)
+    combined = logits(model, causal_batch(7))
+    assert not torch.allclose(combined, saved[1]["a"], atol=1e-5)
+    assert not torch.allclose(combined, saved[1]["b"], atol=1e-5)
+    with model.disable_adapter():  # the base model, bit for bit
+        assert all(torch.equal(p, base[n]) for n, p in model.base_model.model.named_parameters())
+    assert torch.equal(logits(model, causal_batch(7)), combined)
+    model.set_adapter("a")  # back to one adapter: exactly its weights
+    assert torch.equal(logits(model, causal_batch(7)), saved[1]["a"])
+    model.base_model.set_adapter(["a", "b"])
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged, causal_batch(7)), combined, rtol=0, atol=0)
+
+
+def test_several_active_adapters_do_not_train(saved):
+    model = two_adapters(saved)
+    model.base_model.set_adapter(["a", "b"])
+    values = [model.base_model.fishdip_values[n] for n in ("a", "b")]
+    optimizer = torch.optim.AdamW(values, lr=1e-2)
+    with pytest.raises(RuntimeError, match="trains one adapter at a time"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.base_model.set_adapter(["a", "c"])
     with pytest.raises(ValueError, match="not found"):
         model.set_adapter("c")
+
+
+def test_deleting_one_of_two_active_adapters_leaves_the_other(saved):
+    model = two_adapters(saved)
+    model.base_model.set_adapter(["a", "b"])
+    model.delete_adapter("b")
+    assert model.active_adapters == ["a"]
+    assert torch.equal(logits(model, causal_batch(7)), saved[1]["a"])
