@@ -1,7 +1,9 @@
-"""Smoke test of the efficiency benchmark (tiny model only), its dense-mask baseline and its refresh prototypes."""
+"""Smoke test of the efficiency benchmark (tiny model only), its dense-mask baseline, its refresh variants and
+its sequence-length run."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +12,11 @@ import pytest
 import torch
 
 from benchmarks.efficiency.cli import parse_args
-from benchmarks.efficiency.report import compute_ratios, compute_targets
-from benchmarks.efficiency.workers import PROTOTYPE_VARIANTS, worker_prototypes
+from benchmarks.efficiency.measure import SIZE_CONFIGS
+from benchmarks.efficiency.report import compute_ratios, compute_targets, render_report
+from benchmarks.efficiency.workers import REFRESH_VARIANTS, refresh_variant
 from benchmarks.methods import build_method, get_method
-from benchmarks.refresh_prototype import empirical_fisher, fast_global_topk_indices
 from fishdip_peft import forward_with_per_sample_losses
-from fishdip_peft.fisher import empirical_fisher as core_empirical_fisher
-from fishdip_peft.pool import slice_sample
-from fishdip_peft.selection import global_topk_indices
 from tests.models import causal_batch, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +30,8 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("efficiency") / "efficiency.json"
     command = [sys.executable, "-m", "benchmarks.efficiency", "--sizes", "tiny", "--methods", "full-ft,lora,fishdip",
                "--batch-size", "2", "--seq-len", "8", "--warmup", "1", "--steps", "2", "--n", "3",
-               "--refresh-repeats", "1", "--scaling-n", "1,2", "--threads", "1", "--jobs", "2", "--prototype-sizes", "",
-               "--out", str(out)]
+               "--refresh-repeats", "1", "--scaling-n", "1,2", "--threads", "1", "--jobs", "2",
+               "--refresh-variant-sizes", "tiny", "--out", str(out)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads(out.read_text())
@@ -67,6 +66,32 @@ def test_json_schema(smoke_run):
     assert "prototypes" not in data
 
 
+def test_persistent_state(smoke_run):
+    _, data = smoke_run
+    fish = data["methods"][2]
+    parts = fish["persistent_state_breakdown_bytes"]
+    assert set(parts) == {"values", "index", "touched", "base", "stash", "optimizer"}
+    assert sum(parts.values()) == fish["persistent_state_bytes"]
+    assert parts["values"] == 4 * fish["trainable_entries"] and parts["optimizer"] >= 2 * parts["values"]
+    assert 0 < fish["persistent_state_fixed_bytes"] <= 64  # AdamW's step counter
+    assert fish["persistent_state_bytes_per_entry"] == (
+        fish["persistent_state_bytes"] - fish["persistent_state_fixed_bytes"]) / fish["trainable_entries"]
+    assert fish["persistent_state_slots"] > 0
+    assert "persistent_state_bytes" not in data["methods"][0]  # full-ft has no FISH-DIP state
+
+
+def test_refresh_variants_section(smoke_run):
+    _, data = smoke_run
+    rows = data["refresh_variants"]["rows"]
+    assert [r["variant"] for r in rows] == [name for name, _, _ in REFRESH_VARIANTS]
+    for row in rows:
+        assert row["model"] == "tiny" and row["n"] == 3
+        assert row["refresh_seconds"] > 0 and row["fisher_seconds"] > 0 and row["topk_seconds"] > 0
+    assert rows[0]["selection_overlap_with_reference"] == 1.0
+    assert rows[1]["selection_overlap_with_reference"] >= 0.99  # batched: the same Fisher, exact
+    assert 0.5 < rows[2]["selection_overlap_with_reference"] <= 1.0
+
+
 def test_ratios_are_consistent_with_the_rows(smoke_run):
     _, data = smoke_run
     rows = {r["method"]: r for r in data["methods"]}
@@ -83,11 +108,19 @@ def test_ratios_are_consistent_with_the_rows(smoke_run):
     for key, value in expected.items():
         assert math.isclose(ratios[key], value, rel_tol=1e-12), key
     assert ratios["step_dense_mask_over_full_ft"] is None  # dense-mask was not run
-    assert data["ratios"] == compute_ratios(data["methods"])
+    assert ratios["persistent_state_bytes_per_entry_fishdip"] == fish["persistent_state_bytes_per_entry"]
+    bf16 = [r for r in data["refresh_variants"]["rows"] if r["variant"] == "batched-bf16"]
+    assert math.isclose(ratios["refresh_batched_bf16_over_step_fishdip"],
+                        bf16[0]["refresh_seconds"] / fish["step_seconds"], rel_tol=1e-12)
+    assert data["ratios"] == compute_ratios(data["methods"], data["refresh_variants"]["rows"])
     targets = data["targets"]
     assert targets == compute_targets(data["ratios"], "tiny")
-    assert len(targets) == 5
-    assert targets[0]["value_cpu_time"] == ratios["step_cpu_fishdip_over_full_ft"]
+    assert [t["ratio"] for t in targets] == [
+        "step_fishdip_over_lora", "step_fishdip_over_full_ft", "memory_fishdip_over_lora",
+        "refresh_over_step_fishdip", "refresh_batched_bf16_over_step_fishdip",
+        "checkpoint_bytes_per_changed_entry_fishdip", "persistent_state_bytes_per_entry_fishdip"]
+    assert [t["limit"] for t in targets] == [0.9, 0.7, 0.8, 2.0, 2.0, 8.5, 24.0]
+    assert targets[0]["value_cpu_time"] == ratios["step_cpu_fishdip_over_lora"]
     for target in targets:
         assert target["met"] == (target["value"] <= target["limit"])
 
@@ -100,6 +133,11 @@ def test_report_only_renders_the_table(smoke_run):
     assert data["command"] in text
     for method in ("full-ft", "lora", "fishdip"):
         assert f"| tiny | {method} |" in text
+    assert "## Refresh variants" in text and "| tiny | 3 | batched-bf16 |" in text
+    assert "## FISH-DIP persistent state" in text
+    old = {**data, "prototypes": {"rows": [{"variant": "core"}]}}
+    del old["refresh_variants"]
+    assert "superseded" in render_report(old)
 
 
 def test_dense_mask_baseline_moves_only_masked_entries():
@@ -122,35 +160,42 @@ def test_dense_mask_baseline_moves_only_masked_entries():
         assert not bool((moved & (dense.mask[name] == 0)).any()), name
 
 
-def test_refresh_prototypes_are_exact_where_they_claim_to_be():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        scores = [torch.randint(0, 6, shape, generator=g).float() * 0.25 for shape in [(7, 5), (13,), (3, 4, 2), (1,)]]
-        for k in (1, 5, 17, 40, 69):
-            for a, b in zip(global_topk_indices(scores, k), fast_global_topk_indices(scores, k)):
-                assert torch.equal(a, b)
-    with pytest.raises(ValueError):
-        fast_global_topk_indices([torch.tensor([1.0, float("nan")])], 1)
-    with pytest.raises(ValueError):
-        fast_global_topk_indices([torch.tensor([1.0, -2.0])], 1)
-    model = tiny_llama()  # tied embeddings: the LM head's dense and the embedding's sparse gradient are summed
-    batch = causal_batch(0)
-    samples = [slice_sample(batch, row) for row in range(3)]
-    params = list(model.parameters())
-    for a, b in zip(core_empirical_fisher(model, samples, params), empirical_fisher(model, samples, params)):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-12)
-    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+def test_refresh_variants_use_the_core_settings_and_restore_them():
+    import fishdip_peft.stepping as stepping
+
+    prepared = build_method("fishdip", tiny_llama(), density=0.05, update_every=1, num_regressing=2)
+    config = prepared.model.peft_config[prepared.model.active_adapter]
+    original = stepping.empirical_fisher
+    with refresh_variant(prepared.model, "bfloat16", batched=False):
+        assert config.fisher_dtype == "bfloat16"
+        assert stepping.empirical_fisher.keywords == {"batched": False}
+    assert config.fisher_dtype == "float32" and stepping.empirical_fisher is original
+    assert [name for name, _, _ in REFRESH_VARIANTS] == ["one-pass-per-sample", "batched", "batched-bf16"]
 
 
-def test_prototype_worker_schema(monkeypatch):
-    import benchmarks.efficiency.workers as workers
+def test_two_layer_size_has_the_135m_width():
+    config = SIZE_CONFIGS["2l"]
+    assert config == dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+                          num_key_value_heads=3)
+    assert parse_args(["--sizes", "2l", "--seq-lens", "32,64"]).seq_lens == [32, 64]
 
-    monkeypatch.setattr(workers, "build_model", lambda size, dtype, device: tiny_llama())
-    args = parse_args(["--batch-size", "2", "--seq-len", "8", "--n", "2", "--refresh-repeats", "1"])
-    args.size = "tiny"
-    result = worker_prototypes(args)
-    assert [r["variant"] for r in result["rows"]] == [name for name, _ in PROTOTYPE_VARIANTS]
-    for row in result["rows"]:
-        assert row["refresh_seconds"] > 0 and row["fisher_seconds"] > 0 and row["topk_seconds"] > 0
-        if "bf16" not in row["variant"]:
-            assert row["selection_overlap_with_core"] >= 0.99
+
+def test_seq_lens_section_and_table(smoke_run, tmp_path):
+    out = tmp_path / "efficiency.json"
+    shutil.copy(smoke_run[0], out)
+    command = [sys.executable, "-m", "benchmarks.efficiency", "--seq-lens", "8,16", "--sizes", "tiny", "--methods",
+               "lora,fishdip", "--batch-size", "1", "--warmup", "1", "--steps", "1", "--refresh-repeats", "0",
+               "--threads", "1", "--jobs", "2", "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["methods"] == smoke_run[1]["methods"]  # the main rows stay as they are
+    section = data["seq_lens"]
+    assert [(r["seq_len"], r["method"]) for r in section["rows"]] == [
+        (8, "lora"), (8, "fishdip"), (16, "lora"), (16, "fishdip")]
+    assert all("error" not in r and r["batch_size"] == 1 and "refresh_seconds" not in r for r in section["rows"])
+    fish16, lora16 = section["rows"][3], section["rows"][2]
+    assert math.isclose(section["ratios"]["16"]["tiny"]["step_fishdip_over_lora"],
+                        fish16["step_seconds"] / lora16["step_seconds"])
+    text = out.with_name("EFFICIENCY.md").read_text()
+    assert "## Step cost vs sequence length" in text and "| 16 | tiny | fishdip |" in text

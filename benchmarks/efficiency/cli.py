@@ -13,10 +13,10 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 from benchmarks.efficiency import __doc__ as PACKAGE_DOC
-from benchmarks.efficiency.measure import SIZE_CONFIGS, SIZES, environment, loadavg
+from benchmarks.efficiency.measure import ALL_SIZES, SIZE_CONFIGS, SIZES, environment, loadavg
 from benchmarks.efficiency.report import compute_ratios, compute_scaling, compute_targets, write_report
 from benchmarks.efficiency.workers import LEARNING_RATE
 from benchmarks.io import write_json_atomic
@@ -27,9 +27,20 @@ DEFAULT_JSON = RESULTS_DIR / "efficiency.json"
 SCHEMA_VERSION = 1
 
 
-def worker_argv(args, kind: str, size: str, method: str, out: str) -> list[str]:
-    argv = [sys.executable, "-m", "benchmarks.efficiency", "--worker", kind, "--size", size, "--method", method,
-            "--worker-out", out, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+class Task(NamedTuple):
+    """One worker subprocess: its kind (train, scaling, refresh_variants), model size, method, and
+    sequence length (None: `--seq-len`)."""
+
+    kind: str
+    size: str
+    method: str
+    seq_len: Optional[int] = None
+
+
+def worker_argv(args, task: Task, out: str) -> list[str]:
+    argv = [sys.executable, "-m", "benchmarks.efficiency", "--worker", task.kind, "--size", task.size,
+            "--method", task.method, "--worker-out", out, "--batch-size", str(args.batch_size),
+            "--seq-len", str(task.seq_len or args.seq_len),
             "--dtype", args.dtype, "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
             "--density", str(args.density), "--update-every", str(args.update_every), "--n", str(args.n),
             "--refresh-repeats", str(args.refresh_repeats), "--threads", str(args.threads),
@@ -47,7 +58,8 @@ def settings(args, target_model: str) -> dict[str, Any]:
         "dtype": args.dtype, "device": args.device, "warmup_steps": args.warmup, "timed_steps": args.steps,
         "density": args.density, "update_every": args.update_every, "num_regressing": args.n,
         "refresh_repeats": args.refresh_repeats, "threads": args.threads or None, "scaling_n": args.scaling_n,
-        "scaling_sizes": args.scaling_sizes, "prototype_sizes": args.prototype_sizes, "target_model": target_model,
+        "scaling_sizes": args.scaling_sizes, "refresh_variant_sizes": args.refresh_variant_sizes,
+        "seq_lens": args.seq_lens, "target_model": target_model,
         "jobs": args.jobs, "gradient_checkpointing": args.gradient_checkpointing,
         "optimizer": f"torch.optim.AdamW lr={LEARNING_RATE} (defaults: weight_decay=0.01" + (f"; {decays})" if decays
                                                                                              else ")"),
@@ -59,17 +71,18 @@ def settings(args, target_model: str) -> dict[str, Any]:
     }
 
 
-def run_tasks(args, tasks: list[tuple[str, str, str]], on_result) -> None:
-    """Run the worker subprocesses (`--jobs` at once); `on_result(results)` after each one finishes."""
+def run_tasks(args, tasks: list[Task], on_result) -> None:
+    """Run the worker subprocesses (`--jobs` at once); `on_result([(task, result)])` after each one finishes."""
     from tqdm import tqdm
 
     results: dict[int, dict] = {}
 
-    def run_task(kind: str, size: str, method: str) -> dict:
+    def run_task(task: Task) -> dict:
+        kind, size, method = task.kind, task.size, task.method
         handle, worker_out = tempfile.mkstemp(prefix="fishdip-eff-", suffix=".json")
         os.close(handle)
         try:
-            proc = subprocess.run(worker_argv(args, kind, size, method, worker_out), stdout=sys.stderr,
+            proc = subprocess.run(worker_argv(args, task, worker_out), stdout=sys.stderr,
                                   stderr=subprocess.PIPE, text=True, timeout=args.worker_timeout)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-3000:])
@@ -78,24 +91,25 @@ def run_tasks(args, tasks: list[tuple[str, str, str]], on_result) -> None:
             return json.loads(Path(worker_out).read_text())
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as error:
             print(f"[efficiency] {kind} {size}/{method} failed:\n{str(error)[-3000:]}", file=sys.stderr)
-            return {"model": size, "method": method, "kind": kind, "error": str(error)[-3000:]}
+            return {"model": size, "method": method, "kind": kind, "seq_len": task.seq_len or args.seq_len,
+                    "error": str(error)[-3000:]}
         finally:
             Path(worker_out).unlink(missing_ok=True)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool, \
             tqdm(total=len(tasks), desc="efficiency", file=sys.stderr, dynamic_ncols=True) as bar:
-        futures = {pool.submit(run_task, *task): i for i, task in enumerate(tasks)}
+        futures = {pool.submit(run_task, task): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             on_result([(tasks[i], results[i]) for i in sorted(results)])
             bar.update(1)
 
 
-def prototype_section(command: str, done) -> dict[str, Any]:
-    rows = [row for (kind, _, _), r in done if kind == "prototypes" for row in r.get("rows", [])]
-    errors = [r for (kind, _, _), r in done if kind == "prototypes" and "error" in r]
-    section: dict[str, Any] = {"command": command, "rows": rows, "loadavg": [
-        [r.get("loadavg_start"), r.get("loadavg_end")] for (kind, _, _), r in done if kind == "prototypes"]}
+def refresh_variants_section(command: str, done) -> dict[str, Any]:
+    results = [r for task, r in done if task.kind == "refresh_variants"]
+    section: dict[str, Any] = {"command": command, "rows": [row for r in results for row in r.get("rows", [])],
+                               "loadavg": [[r.get("loadavg_start"), r.get("loadavg_end")] for r in results]}
+    errors = [r for r in results if "error" in r]
     if errors:
         section["errors"] = errors
     return section
@@ -104,7 +118,7 @@ def prototype_section(command: str, done) -> dict[str, Any]:
 def run_all(args, command: str) -> dict:
     out_path = Path(args.out)
     target_model = args.target_model or args.sizes[-1]
-    prototype_sizes = args.prototype_sizes if args.prototype_sizes is not None else [target_model]
+    variant_sizes = args.refresh_variant_sizes if args.refresh_variant_sizes is not None else [target_model]
     data: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "complete": False, "command": command,
         "settings": settings(args, target_model),
@@ -112,22 +126,23 @@ def run_all(args, command: str) -> dict:
     }
     data["environment"]["loadavg_start"] = loadavg()
     data["environment"]["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tasks = [("train", size, method) for size in args.sizes for method in args.methods]
-    tasks += [("scaling", size, REFERENCE) for size in args.scaling_sizes]
-    tasks += [("prototypes", size, REFERENCE) for size in prototype_sizes]
+    tasks = [Task("train", size, method) for size in args.sizes for method in args.methods]
+    tasks += [Task("scaling", size, REFERENCE) for size in args.scaling_sizes]
+    tasks += [Task("refresh_variants", size, REFERENCE) for size in variant_sizes]
     begin = time.perf_counter()
 
     def record(done) -> None:
-        data["methods"] = [r for (kind, _, _), r in done if kind == "train"]
-        scaling_rows = [row for (kind, _, _), r in done if kind == "scaling" for row in r.get("rows", [])]
-        errors = [r for (kind, _, _), r in done if kind == "scaling" and "error" in r]
+        data["methods"] = [r for task, r in done if task.kind == "train"]
+        scaling_rows = [row for task, r in done if task.kind == "scaling" for row in r.get("rows", [])]
+        errors = [r for task, r in done if task.kind == "scaling" and "error" in r]
         if errors:
             data["errors"] = errors
-        data["ratios"] = compute_ratios(data["methods"])
+        if variant_sizes:
+            data["refresh_variants"] = refresh_variants_section(command, done)
+        variant_rows = data.get("refresh_variants", {}).get("rows", [])
+        data["ratios"] = compute_ratios(data["methods"], variant_rows)
         data["targets"] = compute_targets(data["ratios"], target_model)
         data["scaling"] = compute_scaling(data["methods"], scaling_rows)
-        if prototype_sizes:
-            data["prototypes"] = prototype_section(command, done)
         data["environment"]["loadavg_end"] = loadavg()
         data["environment"]["elapsed_seconds"] = time.perf_counter() - begin
         versions = {r.get("core_sha256") for _, r in done if r.get("core_sha256")}
@@ -142,16 +157,25 @@ def run_all(args, command: str) -> dict:
     return data
 
 
+def load_json(args) -> dict:
+    path = Path(args.out)
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run the main benchmark with this --out first")
+    return json.loads(path.read_text())
+
+
+def section_environment() -> dict[str, Any]:
+    env = environment()
+    return {k: env[k] for k in ("git_commit", "uncommitted_files", "core_sha256", "source")}
+
+
 def run_variant_only(args, command: str) -> dict:
     """Measure `--methods` on `--sizes` under other settings and store them in the existing JSON's
     `variants[--variant-only]` (with their own ratios; the main rows stay as they are)."""
-    out_path = Path(args.out)
-    data = json.loads(out_path.read_text())
+    data = load_json(args)
     target_model = args.target_model or args.sizes[-1]
-    env = environment()
     variant = {"command": command, "settings": settings(args, target_model), "methods": [], "ratios": {},
-               "targets": [], "loadavg_start": loadavg(),
-               "environment": {k: env[k] for k in ("git_commit", "uncommitted_files", "core_sha256", "source")}}
+               "targets": [], "loadavg_start": loadavg(), "environment": section_environment()}
 
     def record(done) -> None:
         variant["methods"] = [r for _, r in done]
@@ -159,24 +183,48 @@ def run_variant_only(args, command: str) -> dict:
         variant["targets"] = compute_targets(variant["ratios"], target_model)
         variant["loadavg_end"] = loadavg()
         data.setdefault("variants", {})[args.variant_only] = variant
-        write_json_atomic(out_path, data)
+        write_json_atomic(Path(args.out), data)
 
-    run_tasks(args, [("train", size, method) for size in args.sizes for method in args.methods], record)
+    run_tasks(args, [Task("train", size, method) for size in args.sizes for method in args.methods], record)
     return data
 
 
-def run_prototypes_only(args, command: str) -> dict:
-    """Measure the refresh prototypes on `--sizes` and store them in the existing JSON's `prototypes`."""
-    out_path = Path(args.out)
-    data = json.loads(out_path.read_text())
+def run_refresh_variants_only(args, command: str) -> dict:
+    """Measure the refresh variants on `--sizes`, store them as the existing JSON's `refresh_variants` (the
+    superseded `prototypes` section is dropped) and recompute its ratios and targets."""
+    data = load_json(args)
+    data.pop("prototypes", None)
 
     def record(done) -> None:
-        data["prototypes"] = prototype_section(command, done)
-        data["prototypes"]["settings"] = {"threads": args.threads or None, "n": args.n, "seq_len": args.seq_len,
-                                          "batch_size": args.batch_size, "refresh_repeats": args.refresh_repeats}
-        write_json_atomic(out_path, data)
+        section = data["refresh_variants"] = refresh_variants_section(command, done)
+        section["settings"] = {"threads": args.threads or None, "n": args.n, "seq_len": args.seq_len,
+                               "batch_size": args.batch_size, "refresh_repeats": args.refresh_repeats}
+        section["environment"] = section_environment()
+        data["ratios"] = compute_ratios(data["methods"], section["rows"])
+        data["targets"] = compute_targets(data["ratios"], data["settings"]["target_model"])
+        write_json_atomic(Path(args.out), data)
 
-    run_tasks(args, [("prototypes", size, REFERENCE) for size in args.sizes], record)
+    run_tasks(args, [Task("refresh_variants", size, REFERENCE) for size in args.sizes], record)
+    return data
+
+
+def run_seq_lens(args, command: str) -> dict:
+    """Measure `--methods` on `--sizes` at each of `--seq-lens` and store the rows and, per sequence length,
+    their ratios as the existing JSON's `seq_lens` section."""
+    data = load_json(args)
+    section = {"command": command, "settings": {**settings(args, args.target_model or args.sizes[-1]), "seq_len": None},
+               "rows": [], "ratios": {}, "loadavg_start": loadavg(), "environment": section_environment()}
+
+    def record(done) -> None:
+        section["rows"] = [r for _, r in done]
+        section["ratios"] = {str(n): compute_ratios([r for r in section["rows"] if r.get("seq_len") == n])
+                             for n in args.seq_lens}
+        section["loadavg_end"] = loadavg()
+        data["seq_lens"] = section
+        write_json_atomic(Path(args.out), data)
+
+    run_tasks(args, [Task("train", size, method, n) for n in args.seq_lens for size in args.sizes
+                     for method in args.methods], record)
     return data
 
 
@@ -192,7 +240,8 @@ def _str_list(text: str) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description=PACKAGE_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=_str_list, default=list(SIZES), help="comma list of tiny,35m,135m")
+    p.add_argument("--sizes", type=_str_list, default=list(SIZES),
+                   help=f"comma list of {','.join(ALL_SIZES)} (default: {','.join(SIZES)})")
     p.add_argument("--methods", type=_str_list, default=list(EFFICIENCY_METHODS),
                    help=f"comma list of methods of the registry benchmarks/methods.py (default: "
                         f"{','.join(EFFICIENCY_METHODS)}; also: "
@@ -223,11 +272,14 @@ def parse_args(argv=None):
                    help="enable (reentrant) gradient checkpointing in every method's model")
     p.add_argument("--variant-only", default=None, metavar="NAME",
                    help="only measure --methods on --sizes and store them as variants[NAME] of the existing JSON")
-    p.add_argument("--prototypes-only", action="store_true",
-                   help="only run the refresh prototypes (on --sizes) and update the JSON's `prototypes` section")
-    p.add_argument("--prototype-sizes", type=_str_list, default=None,
-                   help="sizes for the refresh prototypes in a full run (default: the target model)")
-    p.add_argument("--worker", choices=("train", "scaling", "prototypes"), help=argparse.SUPPRESS)
+    p.add_argument("--refresh-variants-only", action="store_true",
+                   help="only measure the refresh variants (on --sizes) and update the JSON's `refresh_variants`")
+    p.add_argument("--refresh-variant-sizes", type=_str_list, default=None,
+                   help="sizes for the refresh variants in a full run (default: the target model; '' for none)")
+    p.add_argument("--seq-lens", type=_int_list, default=None, metavar="L1,L2",
+                   help="only measure --methods on --sizes at each sequence length (e.g. --sizes 2l --seq-lens "
+                        "512,2048 --refresh-repeats 0) and store them as the existing JSON's `seq_lens` section")
+    p.add_argument("--worker", choices=("train", "scaling", "refresh_variants"), help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -236,9 +288,9 @@ def parse_args(argv=None):
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size in args.sizes + (args.scaling_sizes or []) + (args.prototype_sizes or []):
-        if size not in SIZES:
-            p.error(f"unknown size {size!r}; choose from {SIZES}")
+    for size in args.sizes + (args.scaling_sizes or []) + (args.refresh_variant_sizes or []):
+        if size not in ALL_SIZES:
+            p.error(f"unknown size {size!r}; choose from {ALL_SIZES}")
     for method in args.methods + ([args.method] if args.method else []):
         if method not in METHODS:
             p.error(f"unknown method {method!r}; choose from {tuple(METHODS)}")
@@ -261,12 +313,14 @@ def main(argv=None) -> int:
         from benchmarks.efficiency import workers
 
         worker = {"train": workers.worker_train, "scaling": workers.worker_scaling,
-                  "prototypes": workers.worker_prototypes}[args.worker]
+                  "refresh_variants": workers.worker_refresh_variants}[args.worker]
         Path(args.worker_out).write_text(json.dumps(worker(args)))
         return 0
     command = "python -m benchmarks.efficiency" + "".join(" " + shlex.quote(a) for a in argv)
-    if args.prototypes_only:
-        run_prototypes_only(args, command)
+    if args.refresh_variants_only:
+        run_refresh_variants_only(args, command)
+    elif args.seq_lens:
+        run_seq_lens(args, command)
     elif args.variant_only:
         run_variant_only(args, command)
     elif not args.report_only:

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-SIZES = ("tiny", "35m", "135m")
+SIZES = ("tiny", "35m", "135m")  # the default run
+ALL_SIZES = SIZES + ("2l",)  # "2l": SmolLM2-135M's width with 2 layers, for the sequence-length run
 SMOLLM2_VOCAB = 49152
 # Randomly initialised Llama models with SmolLM2's vocabulary (and its rope/norm settings); "135m" is the
 # real SmolLM2-135M-Instruct (hidden 576, intermediate 1536, 30 layers, 9 heads, 3 KV heads).
@@ -30,6 +31,8 @@ SIZE_CONFIGS = {
                  num_key_value_heads=2),
     "35m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=6,
                 num_key_value_heads=2),
+    "2l": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+               num_key_value_heads=3),
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@
   method with a mask, timed refreshes with n = num_regressing pooled samples, then a checkpoint saved and
   loaded back.
 - `worker_scaling`: FISH-DIP's refresh time and peak memory for several n on one model size.
-- `worker_prototypes`: the refresh prototypes of `benchmarks/refresh_prototype.py` against the core's
-  refresh on the same pooled samples.
+- `worker_refresh_variants`: the core's refresh under its Fisher settings (one pass per sample, batched,
+  batched in bfloat16) on the same pooled samples.
 
 What a method does in a step, a refresh and a checkpoint comes from its registry entry
 (`benchmarks.methods`); nothing here tests a method's name.
@@ -15,6 +15,7 @@ What a method does in a step, a refresh and a checkpoint comes from its registry
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import shutil
@@ -37,7 +38,6 @@ from benchmarks.efficiency.measure import (
     rebound_in_core,
     safetensors_entries,
     set_threads,
-    sync,
     timed,
 )
 from benchmarks.methods import REFERENCE, Method, get_method
@@ -106,7 +106,8 @@ def worker_train(args) -> dict[str, Any]:
     rss_build = current_rss()
     batches = [make_batch(args.batch_size, args.seq_len, vocab, seed, device) for seed in range(4)]
     row: dict[str, Any] = {
-        "model": args.size, "method": args.method, "params_total": params_total,
+        "model": args.size, "method": args.method, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "params_total": params_total,
         "trainable_entries": runner.trainable, "memory_kind": "cuda_allocated" if device.startswith("cuda") else "rss",
         "rss_after_import_bytes": rss_import, "rss_after_build_bytes": rss_build,
         "torch_threads": torch.get_num_threads(), "core_sha256": core_sha256(),
@@ -136,8 +137,10 @@ def worker_train(args) -> dict[str, Any]:
     row["step_seconds_min"] = min(times)
     row["step_seconds_all"] = [round(t, 4) for t in times]
     row["step_cpu_seconds"] = statistics.median([c for _, _, c in steps])
+    if method.fishdip_adapter:
+        row.update(persistent_state(runner.model, runner.optimizer))
 
-    if method.refreshable:
+    if method.refreshable and args.refresh_repeats > 0:
         refresh_times, refresh_peaks, refresh_cpu = [], [], []
         for repeat in progress(range(args.refresh_repeats), desc=f"{label} refresh"):
             if repeat:  # refill the pool with fresh samples: ceil(n / batch) non-refresh steps
@@ -158,6 +161,40 @@ def worker_train(args) -> dict[str, Any]:
     row["worker_seconds"] = time.perf_counter() - started
     row["loadavg_start"], row["loadavg_end"] = load_start, loadavg()
     return row
+
+
+def persistent_state(model, optimizer) -> dict[str, Any]:
+    """Bytes of FISH-DIP's own tensors kept between steps: each adapter's tensors (its trainable `values`),
+    each slot's (`index`, `touched`, `base`, `stash`: as stored, not the weight it points to), and the
+    optimizer's state of `values` (not `.grad`, which the next step sets to None); each storage counted
+    once. Per trainable entry K without the fixed part (0-dim tensors, e.g. AdamW's step), and the number
+    of slots."""
+    import torch
+
+    def tensors_of(obj) -> dict[str, torch.Tensor]:
+        return {name.lstrip("_"): t for name, t in vars(obj).items()
+                if isinstance(t, torch.Tensor) and (not isinstance(t, torch.nn.Parameter) or name == "values")}
+
+    adapters = list(model.base_model.sparse_adapters.values())
+    found: list[tuple[str, torch.Tensor]] = []
+    for adapter in adapters:
+        found += tensors_of(adapter).items()
+        found += [item for slot in adapter.slots for item in tensors_of(slot).items()]
+        state = optimizer.state.get(adapter.values, {})
+        found += [("optimizer", t) for t in state.values() if isinstance(t, torch.Tensor)]
+    breakdown = dict.fromkeys(("values", "index", "touched", "base", "stash", "optimizer"), 0)
+    seen, fixed = set(), 0
+    for name, tensor in found:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:  # empty tensors hold 0 bytes
+            seen.add(storage.data_ptr())
+            breakdown[name] = breakdown.get(name, 0) + storage.nbytes()
+            fixed += storage.nbytes() if tensor.dim() == 0 else 0
+    total, k = sum(breakdown.values()), sum(adapter.values.numel() for adapter in adapters)
+    return {"persistent_state_bytes": total, "persistent_state_fixed_bytes": fixed,
+            "persistent_state_bytes_per_entry": (total - fixed) / k if k else None,
+            "persistent_state_slots": sum(len(adapter.slots) for adapter in adapters),
+            "persistent_state_breakdown_bytes": breakdown}
 
 
 def measure_checkpoint(runner: Runner, args, batch) -> dict[str, Any]:
@@ -247,14 +284,24 @@ def worker_scaling(args) -> dict[str, Any]:
     return {"rows": rows, "loadavg_start": load_start, "loadavg_end": loadavg(), "core_sha256": core_sha256()}
 
 
-PROTOTYPE_VARIANTS = (  # (name, patch_refresh options or None for the core as it is)
-    ("core", None),
-    ("sparse-embedding-grads", dict(sparse_embeddings=True, fast_topk=False)),
-    ("fast-topk", dict(sparse_embeddings=False, fast_topk=True)),
-    ("sparse-embedding-grads+fast-topk", dict(sparse_embeddings=True, fast_topk=True)),
-    ("sparse-embedding-grads+fast-topk+bf16-autocast", dict(sparse_embeddings=True, fast_topk=True,
-                                                            autocast_dtype="bfloat16")),
+REFRESH_VARIANTS = (  # (name, fisher_dtype, batched): the core's refresh under its own settings
+    ("one-pass-per-sample", "float32", False),  # the previous core: the reference selection
+    ("batched", "float32", True),  # the core's default
+    ("batched-bf16", "bfloat16", True),  # FishDipConfig(fisher_dtype="bfloat16")
 )
+
+
+@contextlib.contextmanager
+def refresh_variant(model, fisher_dtype: str, batched: bool):
+    """While open, the core's refresh runs with `fisher_dtype` set in the active adapter's config and, with
+    `batched=False`, its Fisher pass one sample at a time (`empirical_fisher(..., batched=False)`)."""
+    config = model.peft_config[model.active_adapter]
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, config, "fisher_dtype", config.fisher_dtype)
+        config.fisher_dtype = fisher_dtype
+        if not batched:
+            stack.enter_context(rebound_in_core("empirical_fisher", lambda f: functools.partial(f, batched=False)))
+        yield
 
 
 @contextlib.contextmanager
@@ -277,12 +324,10 @@ def phase_timers(phases: dict[str, float]):
         yield
 
 
-def worker_prototypes(args) -> dict[str, Any]:
-    """Refresh time of the core and of the benchmarks/refresh_prototype.py variants on the same pooled samples,
-    with each variant's selection compared to the core's (fraction of the K entries in common)."""
+def worker_refresh_variants(args) -> dict[str, Any]:
+    """Refresh time of the core under each of `REFRESH_VARIANTS` on the same pooled samples, with each
+    variant's selection compared to the first variant's (fraction of the K entries in common)."""
     import torch
-
-    from benchmarks.refresh_prototype import patch_refresh
 
     set_threads(args)
     load_start = loadavg()
@@ -291,21 +336,18 @@ def worker_prototypes(args) -> dict[str, Any]:
     state = prepared.model.base_model.fishdip_state
     offer_and_refresh()  # the first mask (not timed)
     rows, reference = [], None
-    for _ in progress(range(args.refresh_repeats), desc=f"{args.size} refresh prototypes"):
-        for name, options in PROTOTYPE_VARIANTS:
+    for _ in progress(range(args.refresh_repeats), desc=f"{args.size} refresh variants"):
+        for name, fisher_dtype, batched in REFRESH_VARIANTS:
             phases = {"fisher": 0.0, "topk": 0.0}
-            patch = contextlib.nullcontext() if options is None else patch_refresh(**{
-                **options, "autocast_dtype": getattr(torch, options["autocast_dtype"]) if options.get("autocast_dtype")
-                else None})
-            with patch, phase_timers(phases):
+            with refresh_variant(prepared.model, fisher_dtype, batched), phase_timers(phases):
                 _, seconds, cpu = timed(args.device, offer_and_refresh)
             selection = state.flat_selection()
-            if name == "core":
-                reference = selection
-            common = int(torch.isin(selection, reference).sum()) if reference is not None else None
-            rows.append({"model": args.size, "n": args.n, "variant": name, "refresh_seconds": seconds,
-                         "refresh_cpu_seconds": cpu, "fisher_seconds": phases["fisher"], "topk_seconds": phases["topk"],
+            reference = selection if reference is None else reference
+            common = int(torch.isin(selection, reference).sum())
+            rows.append({"model": args.size, "n": args.n, "variant": name, "fisher_dtype": fisher_dtype,
+                         "batched": batched, "refresh_seconds": seconds, "refresh_cpu_seconds": cpu,
+                         "fisher_seconds": phases["fisher"], "topk_seconds": phases["topk"],
                          "other_seconds": seconds - phases["fisher"] - phases["topk"],
-                         "selection_overlap_with_core": None if common is None else common / state.k})
-    return {"rows": rows, "loadavg_start": load_start, "loadavg_end": loadavg(),
+                         "selection_overlap_with_reference": common / state.k})
+    return {"rows": rows, "reference": REFRESH_VARIANTS[0][0], "loadavg_start": load_start, "loadavg_end": loadavg(),
             "torch_threads": torch.get_num_threads(), "core_sha256": core_sha256()}
