@@ -11,7 +11,10 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 
+from peft.tuners.tuners_utils import set_adapter as set_peft_adapter
 from torch import nn
+
+from .layer import FishDipLayer
 
 
 class ActivationMixin:
@@ -73,8 +76,9 @@ class ActivationMixin:
         unknown = [n for n in names if n not in self.sparse_adapters]
         if not names or unknown:
             raise ValueError(f"unknown adapter(s) {unknown or names}; this model has {list(self.sparse_adapters)}.")
-        self.active_adapter = names[0] if len(names) == 1 else names
-        self.fishdip_layer.set_adapter(self.active_adapter)
+        # peft's modules_to_save copies first: it refuses several adapters that save the same module
+        set_peft_adapter(self.model, names if len(names) > 1 else names[0], inference_mode, layer_cls=FishDipLayer)
+        self.active_adapter = self.fishdip_layer._active_adapter = names[0] if len(names) == 1 else names
         if len(names) == 1:
             self._activate(names[0], trainable=not inference_mode)
             return
@@ -113,13 +117,14 @@ class ActivationMixin:
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         """The active adapters' deltas already live in the weights; merging marks them as part of the model,
-        so they stop training until `unmerge_adapter()`. `adapter_names` (default: the active ones) become
-        the active adapters."""
+        so they stop training until `unmerge_adapter()`. `adapter_names` (default: the active ones) join
+        the merged ones, which become the active adapters."""
         names = list(adapter_names) if adapter_names else self._active_fishdip()
         if names and set(names) <= set(self.merged_adapters):
             warnings.warn("All adapters are already merged, nothing to do.")
             return
         self.enable_adapter_layers()
+        names = self.merged_adapters + [n for n in names if n not in self.merged_adapters]  # merges accumulate
         if names != self._active_fishdip():
             self.set_adapter(names if len(names) > 1 else names[0], inference_mode=True)
         if len(names) == 1:

@@ -33,6 +33,8 @@ def eligible_parameters(model: nn.Module, config: FishDipConfig) -> list[tuple[s
             continue
         if config.modules_to_save and _matches(owner, list(config.modules_to_save)):
             continue  # trained in full by peft's modules_to_save copy
+        if _matches(owner, ["modules_to_save"]):
+            continue  # another adapter's modules_to_save copy
         named.append((name, param))
     if config.target_modules is not None and not targeted:
         available = sorted({n for n, m in model.named_modules() if n and any(True for _ in m.parameters(False))})

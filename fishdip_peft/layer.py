@@ -49,7 +49,13 @@ class FishDipLayer(nn.Module, BaseTunerLayer):
         pass  # the values follow the weights they train (see `sparse.Slot.follow_device`)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        self._active_adapter = adapter_names
+        """Activate `adapter_names` on the model (peft calls this on every tuner layer): the tuner decides
+        what the weights hold."""
+        owner = self.__dict__.get("_owner")  # the tuner (kept out of the module tree; a copy follows its model)
+        if owner is None:
+            self._active_adapter = adapter_names
+        else:
+            owner.set_adapter(adapter_names, inference_mode=inference_mode)
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, set_additional_trainable_modules
 from torch import nn
 
 from . import formats
@@ -55,6 +55,7 @@ class FishDipModel(ActivationMixin, SteppingMixin, BaseTuner):
         if "fishdip_layer" in self._modules:
             return
         self.fishdip_layer = FishDipLayer(self.active_adapters[0] if self.active_adapters else "default")
+        self.fishdip_layer.__dict__["_owner"] = self
         self.sparse_adapters: dict[str, SparseAdapter] = {}
         self.progress: dict[str, AdapterProgress] = {}
         self.merged_adapters: list[str] = []
@@ -107,6 +108,8 @@ class FishDipModel(ActivationMixin, SteppingMixin, BaseTuner):
             self._activate(adapter_name, trainable=not config.inference_mode)
         if not config.init_weights:
             self._random_start(adapter_name)
+        set_additional_trainable_modules(model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
+                                         adapter_name=adapter_name, activate_adapter=adapter_name in self.active_adapters)
 
     def _random_start(self, adapter_name: str) -> None:
         """`init_weights=False` (peft's switch for tests): a random first mask with small random deltas."""
@@ -239,8 +242,7 @@ class FishDipModel(ActivationMixin, SteppingMixin, BaseTuner):
             if remaining:
                 self.set_adapter(remaining if len(remaining) > 1 else remaining[0], inference_mode=True)
             else:
-                self.active_adapter = []
-                self.fishdip_layer.set_adapter([])
+                self.active_adapter = self.fishdip_layer._active_adapter = []
         elif len(active) > 1:
             self._apply_overlay(active)
 

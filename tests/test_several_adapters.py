@@ -148,3 +148,40 @@ def test_deleting_one_of_two_active_adapters_leaves_the_other(saved):
     model.delete_adapter("b")
     assert model.active_adapters == ["a"]
     assert torch.equal(logits(model, causal_batch(7)), saved[1]["a"])
+
+
+def test_merges_accumulate_and_peft_layer_level_activation_reaches_the_tuner(saved):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = two_adapters(saved)
+    model.base_model.set_adapter(["a", "b"])
+    combined = logits(model, causal_batch(7))
+    model.set_adapter("a")
+    for module in model.modules():  # what peft's tests do to activate several adapters
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(["a", "b"])
+    assert model.active_adapters == ["a", "b"]
+    assert torch.equal(logits(model, causal_batch(7)), combined)
+    model.set_adapter("a")
+    model.merge_adapter(["a"])
+    model.merge_adapter(["b"])  # sequential merges add up, like one merge of both
+    assert model.base_model.merged_adapters == ["a", "b"]
+    assert torch.equal(logits(model, causal_batch(7)), combined)
+
+
+def test_modules_to_save_of_a_custom_model_are_wrapped_trained_and_saved(tmp_path):
+    config = FishDipConfig(target_modules=["layers.0"], modules_to_save=["layers.1.mlp.down_proj"], **CONFIG)
+    model = get_peft_model(tiny_llama(), config)
+    wrapper = model.base_model.model.model.layers[1].mlp.down_proj
+    assert type(wrapper).__name__ == "ModulesToSaveWrapper"
+    assert all(p.requires_grad for p in wrapper.modules_to_save["default"].parameters())
+    assert not any("modules_to_save" in name for name, _ in model.base_model.eligible_parameters())
+    train(model, 3)
+    expected = logits(model, causal_batch(7))
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(reloaded, causal_batch(7)), expected, rtol=0, atol=1e-6)
+    model.add_adapter("other", FishDipConfig(target_modules=["layers.0"], modules_to_save=["layers.1.mlp.down_proj"],
+                                             **CONFIG))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        model.base_model.set_adapter(["default", "other"])

@@ -10,11 +10,11 @@ peft release that moved them is noticed rather than silently tested without FISH
 3. `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`: "FISH-DIP Same" / "FISH-DIP Different" after SHiRA's.
 
 SHiRA's `r` becomes FISH-DIP's density/update_every/num_regressing: density 0.5 keeps K >= 1 on the
-tiny models, update_every 1 refreshes the mask on every `step()`. SHiRA's multi-adapter cases pass
-`init_weights=False`; FishDipConfig has no such field, so the FISH-DIP ones do not (peft's own
-`set_init_weights_false` helper still adds `init_weights=False` to every config class it does not
-know, FishDipConfig included: that is part of what the battery checks; `--keep-identity-start` turns
-that off for FishDipConfig alone, as a diagnostic).
+tiny models, update_every 1 refreshes the mask on every `step()`. Like SHiRA's, the multi-adapter
+cases pass `init_weights=False` (a random start, so two adapters differ), with different seeds since
+FISH-DIP's random start follows `seed`. peft's own `set_init_weights_false` helper adds
+`init_weights=False` where the tests ask for it; `--keep-identity-start` turns that off for
+FishDipConfig alone, as a diagnostic.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ MULTIPLE_ACTIVE_ADAPTERS_CASES = f"""\
         "FISH-DIP Same",
         "fishdip",
         FishDipConfig,
-        {{{FISHDIP}, "target_modules": ["lin0"]}},
-        {{{FISHDIP}, "target_modules": ["lin0"]}},
+        {{{FISHDIP}, "target_modules": ["lin0"], "init_weights": False, "seed": 1}},
+        {{{FISHDIP}, "target_modules": ["lin0"], "init_weights": False, "seed": 2}},
     ),
     (
         "FISH-DIP Different",
         "fishdip",
         FishDipConfig,
-        {{{FISHDIP}, "target_modules": ["lin0"]}},
-        {{{FISHDIP}, "target_modules": ["lin1"]}},
+        {{{FISHDIP}, "target_modules": ["lin0"], "init_weights": False, "seed": 1}},
+        {{{FISHDIP}, "target_modules": ["lin1"], "init_weights": False, "seed": 2}},
     ),
 """
 
