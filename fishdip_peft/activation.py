@@ -12,6 +12,7 @@ import warnings
 from contextlib import contextmanager
 
 from peft.tuners.tuners_utils import set_adapter as set_peft_adapter
+from peft.tuners.tuners_utils import set_requires_grad as set_peft_requires_grad
 from torch import nn
 
 from .layer import FishDipLayer
@@ -90,9 +91,11 @@ class ActivationMixin:
             self._apply_overlay(names)
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Enable or disable gradients on the values (and modules_to_save copies) of `adapter_names`."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self.sparse_adapters[name].values.requires_grad_(requires_grad)
+        set_peft_requires_grad(self.model, adapter_names=names, requires_grad=requires_grad)
 
     def _active_fishdip(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.sparse_adapters]

@@ -87,8 +87,9 @@ class FishDipModel(ActivationMixin, SteppingMixin, BaseTuner):
             raise ValueError(f"density={config.density} keeps no entry of the {total} eligible ones; raise it.")
         if self._original_requires_grad is None:
             self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for param in model.parameters():
-            param.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if ".modules_to_save." not in name:  # other adapters' modules_to_save copies keep their flags
+                param.requires_grad_(False)
         device = named[0][1].device
         values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device), requires_grad=False)
         self.fishdip_values[adapter_name] = values
