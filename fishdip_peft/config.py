@@ -57,6 +57,9 @@ class FishDipConfig(PeftConfig):
             "bfloat16" / "float16", which run its forward and backward under autocast (faster where the
             hardware has fast half-precision products; the scores are still summed in float32, and a few
             entries near the top-K boundary may be ranked differently).
+        fisher_batch_size: Pooled samples per forward/backward of the Fisher pass. 1 (default): one pass
+            per sample, the cheapest on CPU and the least memory. Larger: batched per-sample gradients,
+            the same scores within float32 rounding, with a batch's activations alive at once.
         init_weights: True (default) starts from the base model itself. False (peft's switch for tests)
             starts from a random mask whose entries get small random deltas, so outputs differ from the base.
         modules_to_save: Modules (e.g. a new classification head) trained in full and saved beside the
@@ -77,6 +80,7 @@ class FishDipConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "Seed of the random pool when sample_aware=False."})
     delta_dtype: str = field(default="float32", metadata={"help": "Dtype of the saved deltas."})
     fisher_dtype: str = field(default="float32", metadata={"help": "Precision of the Fisher pass (opt-in autocast)."})
+    fisher_batch_size: int = field(default=1, metadata={"help": "Pooled samples per pass of the Fisher."})
     init_weights: bool = field(
         default=True, metadata={"help": "False: start from a random mask with small random deltas (for tests)."}
     )
@@ -99,7 +103,7 @@ class FishDipConfig(PeftConfig):
                 "For 1% of the weights use density=0.01."
             )
         self.density = density
-        for name, example in (("update_every", 100), ("num_regressing", 15)):
+        for name, example in (("update_every", 100), ("num_regressing", 15), ("fisher_batch_size", 1)):
             value = getattr(self, name)
             if _as_int(name, value, example, "a positive integer") < 1:
                 raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}. Example: {name}={example}.")

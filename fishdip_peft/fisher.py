@@ -71,7 +71,7 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> Optional[dict[str, 
 
 def empirical_fisher(
     model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter], *, mean: bool = True,
-    autocast_dtype: Optional[torch.dtype] = None, batched: bool = True,
+    autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 1,
 ) -> list[torch.Tensor]:
     """F = (1/n) Σ_i (∇ ℓ_i)² for each of `parameters`, as float32 tensors of their shapes (the sum
     Σ_i (∇ ℓ_i)² with `mean=False`, zeros when there is no sample).
@@ -80,12 +80,15 @@ def empirical_fisher(
     sample's loss (`outputs.loss`, i.e. it holds `labels`). The model runs in eval mode (no dropout);
     its training flags, the parameters' `requires_grad` and `.grad` are restored afterwards.
 
-    The samples run as one padded batch whose per-sample gradients are formed layer by layer
-    (`per_sample.BatchedSquaredGradients`). Where that cannot reproduce each sample's own loss (inputs
-    that cannot be padded, a module not batched on the first dimension, a model whose loss is not the
-    mean of its per-sample losses), and with `batched=False`, they run one at a time, with the same
-    result. `autocast_dtype` (e.g. torch.bfloat16) runs the forward and backward under autocast (opt-in,
-    approximate); the scores are accumulated in float32.
+    With `batch_size=1` each sample gets its own forward and backward, and each dense gradient is
+    squared into its score as soon as it is complete. With a larger `batch_size` the samples run that
+    many at a time as one padded batch whose per-sample gradients are formed layer by layer
+    (`per_sample.BatchedSquaredGradients`): the same scores within float32 rounding, fewer and larger
+    matrix products, and the activations of a whole batch alive at once. A batch that cannot reproduce
+    each sample's own loss (inputs that cannot be padded, a module not batched on the first dimension, a
+    model whose loss is not the mean of its per-sample losses) runs one sample at a time.
+    `autocast_dtype` (e.g. torch.bfloat16) runs the passes under autocast (opt-in, approximate); the
+    scores are accumulated in float32.
     """
     scores = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters]
     if not samples:
@@ -96,15 +99,15 @@ def empirical_fisher(
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        batch = collate_samples(samples) if batched and len(samples) > 1 else None
-        try:
-            if batch is None:
-                raise CannotBatch("the samples cannot form one batch")
-            _batched(model, batch, len(samples), parameters, scores, autocast)
-        except CannotBatch:
-            for score in scores:
-                score.zero_()
-            _one_at_a_time(model, samples, parameters, scores, autocast)
+        for start in range(0, len(samples), max(1, batch_size)):
+            chunk = samples[start:start + max(1, batch_size)]
+            batch = collate_samples(chunk) if len(chunk) > 1 else None
+            try:
+                if batch is None:
+                    raise CannotBatch("one sample, or samples that cannot form one batch")
+                _batched(model, batch, len(chunk), parameters, scores, autocast)  # refuses before adding anything
+            except CannotBatch:
+                _one_at_a_time(model, chunk, parameters, scores, autocast)
     finally:
         for param, (requires_grad, grad) in zip(parameters, saved):
             param.requires_grad_(requires_grad)

@@ -27,6 +27,8 @@ from torch import nn
 
 # Per-sample weight gradients are formed for this many entries at a time (chunks of samples).
 _CHUNK_ENTRIES = 1 << 24
+# Linear weights: per-sample gradients are formed and squared this many entries at a time (fits in cache).
+_BLOCK_ENTRIES = 1 << 18
 
 
 class CannotBatch(Exception):
@@ -109,7 +111,9 @@ class BatchedSquaredGradients:
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        # The gradient hooks on the outputs refer back to this object through the autograd graph, a cycle
+        # Python's collector cannot see: drop the scores and the saved inputs here.
+        self._handles, self.score_of, self.calls_of, self.pending = [], {}, {}, {}
         return False
 
     def _record(self, owned):
@@ -157,6 +161,11 @@ class BatchedSquaredGradients:
                 summed.index_add_(0, inverse, torch.cat(rows))
                 score.index_add_(0, uniq, summed * summed)
             return
+        if len(products) == 1 and not lookups and products[0][0].kind in ("linear", "conv1d") \
+                and products[0][1] == "weight":
+            call, _, grad = products[0]
+            _square_product_into(score, call, grad)
+            return
         chunk = max(1, _CHUNK_ENTRIES // max(score.numel(), 1))
         for start in range(0, self.n, chunk):
             samples = slice(start, min(start + chunk, self.n))
@@ -182,6 +191,20 @@ class BatchedSquaredGradients:
             (grad,) = torch.autograd.grad(out, [params[attr]], grad_out[i:i + 1].to(out.dtype), allow_unused=True)
             grads.append(torch.zeros_like(params[attr]) if grad is None else grad)
         return torch.stack(grads)
+
+
+def _square_product_into(score: torch.Tensor, call: _Call, grad: torch.Tensor) -> None:
+    """Σ_i (G_iᵀ X_i)² for a Linear weight (X_iᵀ G_i for Conv1D), a block of weight rows at a time, so each
+    block of per-sample gradients is squared while it is still in cache."""
+    n, x = grad.shape[0], call.args[0]
+    g = grad.reshape(n, -1, grad.shape[-1])
+    x = x.reshape(n, -1, x.shape[-1]).to(g.dtype)
+    left, right = (g, x) if call.kind == "linear" else (x, g)  # weight rows follow `left`'s last dim
+    left = left.transpose(1, 2)
+    rows = max(1, _BLOCK_ENTRIES // (n * right.shape[-1]))
+    for start in range(0, left.shape[1], rows):
+        block = torch.bmm(left[:, start:start + rows], right).float()
+        score[start:start + rows].add_(block.square_().sum(0))
 
 
 @contextlib.contextmanager

@@ -295,9 +295,10 @@ class SteppingMixin:
         self.fishdip_state.write_back()
         self._computing_fisher = True
         try:
-            precision = self.peft_config[self._single_active()].fisher_dtype
-            autocast_dtype = None if precision == "float32" else getattr(torch, precision)
-            return empirical_fisher(self.model, samples, params, mean=False, autocast_dtype=autocast_dtype)
+            config = self.peft_config[self._single_active()]
+            autocast_dtype = None if config.fisher_dtype == "float32" else getattr(torch, config.fisher_dtype)
+            return empirical_fisher(self.model, samples, params, mean=False, autocast_dtype=autocast_dtype,
+                                    batch_size=config.fisher_batch_size)
         except FloatingPointError as error:
             warnings.warn(f"mask refresh skipped: {error}")
             return None

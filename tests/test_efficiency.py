@@ -109,15 +109,15 @@ def test_ratios_are_consistent_with_the_rows(smoke_run):
         assert math.isclose(ratios[key], value, rel_tol=1e-12), key
     assert ratios["step_dense_mask_over_full_ft"] is None  # dense-mask was not run
     assert ratios["persistent_state_bytes_per_entry_fishdip"] == fish["persistent_state_bytes_per_entry"]
-    bf16 = [r for r in data["refresh_variants"]["rows"] if r["variant"] == "batched-bf16"]
-    assert math.isclose(ratios["refresh_batched_bf16_over_step_fishdip"],
+    bf16 = [r for r in data["refresh_variants"]["rows"] if r["variant"] == "one-pass-per-sample-bf16"]
+    assert math.isclose(ratios["refresh_one_pass_per_sample_bf16_over_step_fishdip"],
                         bf16[0]["refresh_seconds"] / fish["step_seconds"], rel_tol=1e-12)
     assert data["ratios"] == compute_ratios(data["methods"], data["refresh_variants"]["rows"])
     targets = data["targets"]
     assert targets == compute_targets(data["ratios"], "tiny")
     assert [t["ratio"] for t in targets] == [
         "step_fishdip_over_lora", "step_fishdip_over_full_ft", "memory_fishdip_over_lora",
-        "refresh_over_step_fishdip", "refresh_batched_bf16_over_step_fishdip",
+        "refresh_over_step_fishdip", "refresh_one_pass_per_sample_bf16_over_step_fishdip",
         "checkpoint_bytes_per_changed_entry_fishdip", "persistent_state_bytes_per_entry_fishdip"]
     assert [t["limit"] for t in targets] == [0.9, 0.7, 0.8, 2.0, 2.0, 8.5, 24.0]
     assert targets[0]["value_cpu_time"] == ratios["step_cpu_fishdip_over_lora"]
@@ -161,16 +161,13 @@ def test_dense_mask_baseline_moves_only_masked_entries():
 
 
 def test_refresh_variants_use_the_core_settings_and_restore_them():
-    import fishdip_peft.stepping as stepping
-
     prepared = build_method("fishdip", tiny_llama(), density=0.05, update_every=1, num_regressing=2)
     config = prepared.model.peft_config[prepared.model.active_adapter]
-    original = stepping.empirical_fisher
-    with refresh_variant(prepared.model, "bfloat16", batched=False):
-        assert config.fisher_dtype == "bfloat16"
-        assert stepping.empirical_fisher.keywords == {"batched": False}
-    assert config.fisher_dtype == "float32" and stepping.empirical_fisher is original
-    assert [name for name, _, _ in REFRESH_VARIANTS] == ["one-pass-per-sample", "batched", "batched-bf16"]
+    with refresh_variant(prepared.model, "bfloat16", 15):
+        assert (config.fisher_dtype, config.fisher_batch_size) == ("bfloat16", 15)
+    assert (config.fisher_dtype, config.fisher_batch_size) == ("float32", 1)
+    assert [name for name, _, _ in REFRESH_VARIANTS] == ["one-pass-per-sample", "batched", "one-pass-per-sample-bf16",
+                                                         "batched-bf16"]
 
 
 def test_two_layer_size_has_the_135m_width():

@@ -1,4 +1,4 @@
-"""The Fisher's batched pass equals one forward and backward per sample (invariant: same scores, same mask)."""
+"""The Fisher's batched passes equal one forward and backward per sample (same scores, so the same mask)."""
 
 import pytest
 import torch
@@ -59,7 +59,7 @@ def test_batched_scores_equal_per_sample_passes(case, monkeypatch):
     used = []
     original = fisher._batched
     monkeypatch.setattr(fisher, "_batched", lambda *a: (used.append(True), original(*a)))
-    got = empirical_fisher(model, samples, params, mean=False)
+    got = empirical_fisher(model, samples, params, mean=False, batch_size=len(samples))
     assert used, "the batched pass was not taken"
     for p, e, g in zip(params, expected, got):
         assert torch.allclose(g, e, rtol=1e-5, atol=1e-10 + 1e-6 * float(e.abs().max())), p.shape
@@ -75,8 +75,20 @@ def test_unbatchable_samples_fall_back_to_one_pass_each():
     assert collate_samples(samples) is None
     params = list(model.parameters())
     expected = one_at_a_time(model, samples, params)
-    got = empirical_fisher(model, samples, params, mean=False)
+    got = empirical_fisher(model, samples, params, mean=False, batch_size=4)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_batches_of_two_equal_one_batch_and_one_pass_per_sample():
+    model = tiny_llama()
+    samples = rows(causal_batch(8, batch=5), trim=True)
+    params = list(model.parameters())
+    single = empirical_fisher(model, samples, params, mean=False)  # the default: one pass per sample
+    assert all(torch.equal(a, b) for a, b in zip(single, one_at_a_time(model, samples, params)))
+    for size in (2, 5):
+        got = empirical_fisher(model, samples, params, mean=False, batch_size=size)
+        for g, e in zip(got, single):
+            assert torch.allclose(g, e, rtol=1e-5, atol=1e-6 * float(e.abs().max()) + 1e-10)
 
 
 def test_collation_pads_only_inert_keys():
@@ -112,7 +124,7 @@ def test_a_loss_that_is_not_the_mean_of_sample_losses_is_not_batched():
         fisher._batched(wrapped, collate_samples(samples), len(samples), params,
                         [torch.zeros(p.shape) for p in params], fisher.nullcontext)
     expected = one_at_a_time(wrapped, samples, params)
-    got = empirical_fisher(wrapped, samples, params, mean=False)
+    got = empirical_fisher(wrapped, samples, params, mean=False, batch_size=len(samples))
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
 
@@ -121,34 +133,49 @@ def test_bf16_autocast_fisher_is_close_and_accumulates_in_float32():
     samples = rows(causal_batch(7), trim=True)
     params = list(model.parameters())
     exact = empirical_fisher(model, samples, params)
-    low = empirical_fisher(model, samples, params, autocast_dtype=torch.bfloat16)
+    low = empirical_fisher(model, samples, params, autocast_dtype=torch.bfloat16, batch_size=len(samples))
     assert all(s.dtype == torch.float32 for s in low)
     flat_exact, flat_low = torch.cat([s.flatten() for s in exact]), torch.cat([s.flatten() for s in low])
     assert not torch.equal(flat_exact, flat_low)
     assert torch.corrcoef(torch.stack([flat_exact, flat_low]))[0, 1] > 0.99
 
 
-def test_fisher_dtype_is_validated_and_used_by_the_refresh(monkeypatch):
+def test_fisher_dtype_and_batch_size_are_validated_and_used_by_the_refresh(monkeypatch):
     from peft import get_peft_model
 
     from fishdip_peft import FishDipConfig, forward_with_per_sample_losses
 
     with pytest.raises(ValueError, match="fisher_dtype must be one of"):
         FishDipConfig(fisher_dtype="int8")
+    with pytest.raises(ValueError, match="fisher_batch_size must be a positive integer"):
+        FishDipConfig(fisher_batch_size=0)
     seen = []
     original = fisher.empirical_fisher
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("autocast_dtype"))
+        seen.append((kwargs.get("autocast_dtype"), kwargs.get("batch_size")))
         return original(*args, **kwargs)
 
     import fishdip_peft.stepping as stepping
 
     monkeypatch.setattr(stepping, "empirical_fisher", spy)
-    for precision, expected in (("float32", None), ("bfloat16", torch.bfloat16)):
-        model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05, fisher_dtype=precision))
+    for precision, size, expected in (("float32", 1, (None, 1)), ("bfloat16", 3, (torch.bfloat16, 3))):
+        model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05, fisher_dtype=precision,
+                                                           fisher_batch_size=size))
         batch = causal_batch(0)
         _, losses = forward_with_per_sample_losses(model, batch)
         assert model.step(losses, batch)
         assert seen[-1] == expected
         assert int(model.base_model.mask.sum()) == model.base_model.sparse_adapters["default"].k
+
+
+def test_a_batched_pass_leaves_nothing_alive():
+    import gc
+
+    from fishdip_peft.per_sample import BatchedSquaredGradients
+
+    model = tiny_llama()
+    samples = rows(causal_batch(1), trim=True)
+    empirical_fisher(model, samples, list(model.parameters()), batch_size=len(samples))
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, BatchedSquaredGradients)]

@@ -6,7 +6,7 @@ builds the model, runs warm-up steps, then times training steps (forward + backw
 the method's `step()` call between them where it has one, on non-refresh steps), then, for a method with a
 mask, times refreshes with n = num_regressing pooled samples, then saves and loads a checkpoint. Another
 worker per size times FISH-DIP's refresh for several n, and one, on the target model, times the core's
-refresh variants (one pass per sample, batched, batched in bfloat16) on the same pooled samples.
+refresh variants (one pass per sample or batched, float32 or bfloat16) on the same pooled samples.
 `--seq-lens` measures the methods at several sequence lengths (e.g. on `2l`, SmolLM2-135M's width with 2
 layers), `--variant-only` under other settings. Results go to `benchmarks/results/efficiency.json`
 (rewritten atomically after every worker, so a long run leaves partial results) and `--report-only` turns

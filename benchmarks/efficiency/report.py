@@ -57,8 +57,9 @@ TARGETS = (  # (name, ratio key, limit, the same ratio from CPU time and from th
     ("peak memory <= 0.8x LoRA", "memory_fishdip_over_lora", 0.8, None, None),
     ("one refresh (n=15) <= 2x one training step", "refresh_over_step_fishdip", 2.0,
      "refresh_cpu_over_step_cpu_fishdip", "refresh_min_over_step_min_fishdip"),
-    ("one refresh (n=15) with fisher_dtype=bfloat16 <= 2x one training step", "refresh_batched_bf16_over_step_fishdip",
-     2.0, "refresh_cpu_batched_bf16_over_step_cpu_fishdip", None),
+    ("one refresh (n=15) with fisher_dtype=bfloat16 <= 2x one training step",
+     "refresh_one_pass_per_sample_bf16_over_step_fishdip", 2.0,
+     "refresh_cpu_one_pass_per_sample_bf16_over_step_cpu_fishdip", None),
     ("checkpoint <= 8.5 bytes per changed entry", "checkpoint_bytes_per_changed_entry_fishdip", 8.5, None, None),
     ("persistent state <= 24 bytes per trainable entry (+ fixed per tensor)",
      "persistent_state_bytes_per_entry_fishdip", 24.0, None, None),
@@ -203,7 +204,7 @@ def render_sections(data: dict) -> list[str]:
     s = data["settings"]
     lines = ["", f"## Targets (FISH-DIP on `{s['target_model']}`)", "",
              "*value*: from the wall-clock medians (the figure judged); *CPU*: from CPU-time medians; *fastest*: "
-             "from the fastest step and refresh. The bfloat16 refresh is the `batched-bf16` refresh variant's (below) "
+             "from the fastest step and refresh. The bfloat16 refresh is the `one-pass-per-sample-bf16` refresh variant's (below) "
              "over the training step.", "",
              "| target | value | met | CPU | fastest |", "|---|---:|---|---:|---:|"]
     for t in data["targets"]:
@@ -293,8 +294,8 @@ def render_refresh_variants(data: dict) -> list[str]:
     return table("Refresh variants (the core's refresh, same pooled samples, update_every=1; median of repeats)",
                  ("model", "n", "variant", "refresh s", "refresh CPU s", "Fisher s", "top-K s", "other s",
                   f"same selection as {reference}"), rows, left=3) + [
-        "", f"Command: `{section['command']}`. *{reference}*: `empirical_fisher(..., batched=False)` (the previous "
-        "core); *batched*: the core's default; *batched-bf16*: `FishDipConfig(fisher_dtype=\"bfloat16\")`. "
+        "", f"Command: `{section['command']}`. *{reference}*: the core's default (`fisher_batch_size=1`, float32); "
+        "*batched*: `FishDipConfig(fisher_batch_size=15)`; *-bf16*: with `fisher_dtype=\"bfloat16\"`. "
         "The selection column is the smallest share over the repeats of the K selected entries that the "
         f"{reference} selection also holds."]
 

@@ -5,8 +5,8 @@
   method with a mask, timed refreshes with n = num_regressing pooled samples, then a checkpoint saved and
   loaded back.
 - `worker_scaling`: FISH-DIP's refresh time and peak memory for several n on one model size.
-- `worker_refresh_variants`: the core's refresh under its Fisher settings (one pass per sample, batched,
-  batched in bfloat16) on the same pooled samples.
+- `worker_refresh_variants`: the core's refresh under its Fisher settings (`fisher_batch_size` 1 or 15,
+  `fisher_dtype` float32 or bfloat16) on the same pooled samples.
 
 What a method does in a step, a refresh and a checkpoint comes from its registry entry
 (`benchmarks.methods`); nothing here tests a method's name.
@@ -15,7 +15,6 @@ What a method does in a step, a refresh and a checkpoint comes from its registry
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import math
 import shutil
@@ -284,24 +283,24 @@ def worker_scaling(args) -> dict[str, Any]:
     return {"rows": rows, "loadavg_start": load_start, "loadavg_end": loadavg(), "core_sha256": core_sha256()}
 
 
-REFRESH_VARIANTS = (  # (name, fisher_dtype, batched): the core's refresh under its own settings
-    ("one-pass-per-sample", "float32", False),  # the previous core: the reference selection
-    ("batched", "float32", True),  # the core's default
-    ("batched-bf16", "bfloat16", True),  # FishDipConfig(fisher_dtype="bfloat16")
+REFRESH_VARIANTS = (  # (name, fisher_dtype, fisher_batch_size): the core's refresh under its own settings
+    ("one-pass-per-sample", "float32", 1),  # the core's default: the reference selection
+    ("batched", "float32", 15),  # FishDipConfig(fisher_batch_size=15)
+    ("one-pass-per-sample-bf16", "bfloat16", 1),  # FishDipConfig(fisher_dtype="bfloat16")
+    ("batched-bf16", "bfloat16", 15),  # both
 )
 
 
 @contextlib.contextmanager
-def refresh_variant(model, fisher_dtype: str, batched: bool):
-    """While open, the core's refresh runs with `fisher_dtype` set in the active adapter's config and, with
-    `batched=False`, its Fisher pass one sample at a time (`empirical_fisher(..., batched=False)`)."""
+def refresh_variant(model, fisher_dtype: str, fisher_batch_size: int):
+    """While open, the active adapter's config has these `fisher_dtype` and `fisher_batch_size`."""
     config = model.peft_config[model.active_adapter]
-    with contextlib.ExitStack() as stack:
-        stack.callback(setattr, config, "fisher_dtype", config.fisher_dtype)
-        config.fisher_dtype = fisher_dtype
-        if not batched:
-            stack.enter_context(rebound_in_core("empirical_fisher", lambda f: functools.partial(f, batched=False)))
+    saved = config.fisher_dtype, config.fisher_batch_size
+    config.fisher_dtype, config.fisher_batch_size = fisher_dtype, fisher_batch_size
+    try:
         yield
+    finally:
+        config.fisher_dtype, config.fisher_batch_size = saved
 
 
 @contextlib.contextmanager
@@ -337,15 +336,15 @@ def worker_refresh_variants(args) -> dict[str, Any]:
     offer_and_refresh()  # the first mask (not timed)
     rows, reference = [], None
     for _ in progress(range(args.refresh_repeats), desc=f"{args.size} refresh variants"):
-        for name, fisher_dtype, batched in REFRESH_VARIANTS:
+        for name, fisher_dtype, batch_size in REFRESH_VARIANTS:
             phases = {"fisher": 0.0, "topk": 0.0}
-            with refresh_variant(prepared.model, fisher_dtype, batched), phase_timers(phases):
+            with refresh_variant(prepared.model, fisher_dtype, batch_size), phase_timers(phases):
                 _, seconds, cpu = timed(args.device, offer_and_refresh)
             selection = state.flat_selection()
             reference = selection if reference is None else reference
             common = int(torch.isin(selection, reference).sum())
             rows.append({"model": args.size, "n": args.n, "variant": name, "fisher_dtype": fisher_dtype,
-                         "batched": batched, "refresh_seconds": seconds, "refresh_cpu_seconds": cpu,
+                         "fisher_batch_size": batch_size, "refresh_seconds": seconds, "refresh_cpu_seconds": cpu,
                          "fisher_seconds": phases["fisher"], "topk_seconds": phases["topk"],
                          "other_seconds": seconds - phases["fisher"] - phases["topk"],
                          "selection_overlap_with_reference": common / state.k})
