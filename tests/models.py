@@ -73,3 +73,20 @@ def train_automatically(model, steps: int, runner=None, lr: float = 1e-2):
         optimizer.step()
         optimizer.zero_grad()
     return optimizer
+
+
+def word_tokenizer_and_texts(count: int = 16, words_per_text: int = 8):
+    """A word-level tokenizer over 50 words and `count` random texts of them (for TRL's SFTTrainer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(50)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)},
+                                         unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, 50, (words_per_text,), generator=g))
+             for _ in range(count)]
+    return tokenizer, texts

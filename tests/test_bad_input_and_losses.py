@@ -134,3 +134,20 @@ def test_optimizer_step_without_any_mask_is_a_clear_error_that_changes_nothing()
     with pytest.raises(RuntimeError, match="has no mask yet.*call model.step"):
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_only_causal_lms_shift_their_labels():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from fishdip_peft.losses import is_causal_lm, per_sample_losses_from_outputs
+
+    masked = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=4, max_position_embeddings=32)).eval()
+    assert is_causal_lm(tiny_llama()) and not is_causal_lm(tiny_t5()) and not is_causal_lm(masked)
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    with torch.no_grad():
+        outputs = masked(input_ids=ids, labels=labels)
+    losses = per_sample_losses_from_outputs(masked, outputs, labels)  # the masked position itself, unshifted
+    assert torch.allclose(losses.mean(), outputs.loss, rtol=1e-6)

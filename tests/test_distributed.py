@@ -121,12 +121,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(out) -> None:
+def launch_two_processes(out, script: str = __file__) -> None:
+    """Run `script` (its worker writes into `out`) in 2 processes with accelerate's launcher, on CPU."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), os.path.abspath(__file__), str(out),
+        "--main_process_port", str(free_port()), os.path.abspath(script), str(out),
     ]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

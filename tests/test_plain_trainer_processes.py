@@ -10,7 +10,6 @@ Llamas and writes each process's results to `<out>/rank<r>.pt`.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import torch
@@ -43,21 +42,12 @@ def result_of(trainer) -> dict:
 
 def sft_trainer(output_dir: str):
     from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
     from fishdip_peft import FishDipConfig
-    from tests.models import tiny_llama
+    from tests.models import tiny_llama, word_tokenizer_and_texts
 
-    words = [f"w{i}" for i in range(50)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)},
-                                         unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>")
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, 50, (8,), generator=g)) for _ in range(16)]
+    tokenizer, texts = word_tokenizer_and_texts()
     config = SFTConfig(output_dir, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
                        use_cpu=True, logging_steps=1, save_strategy="no", max_length=16, disable_tqdm=True)
     return SFTTrainer(model=tiny_llama(), args=config, train_dataset=Dataset.from_dict({"text": texts}),
@@ -99,21 +89,10 @@ def worker(out: str) -> None:
     torch.distributed.destroy_process_group()  # an exit with the gloo group alive can abort
 
 
-def launch_two_processes(out) -> None:
-    from tests.test_distributed import free_port
-
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), os.path.abspath(__file__), str(out),
-    ]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-
-
 def test_plain_trainer_in_two_processes_keeps_one_mask(tmp_path):
-    launch_two_processes(tmp_path)
+    from tests.test_distributed import launch_two_processes
+
+    launch_two_processes(tmp_path, __file__)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for run in ("plain", "variant", "sft"):
         for key in ("mask", "weights", "values"):

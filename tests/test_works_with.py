@@ -49,18 +49,11 @@ def test_plain_seq2seq_trainer_trains_t5(tmp_path):
 
 def test_trl_sft_trainer_with_a_fishdip_config(tmp_path):
     from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
-    words = [f"w{i}" for i in range(50)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)},
-                                         unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>")
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, 50, (8,), generator=g)) for _ in range(16)]
+    from tests.models import word_tokenizer_and_texts
+
+    tokenizer, texts = word_tokenizer_and_texts()
     config = SFTConfig(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
                        use_cpu=True, logging_steps=1, save_strategy="no", max_length=16, disable_tqdm=True)
     trainer = SFTTrainer(model=tiny_llama(), args=config, train_dataset=Dataset.from_dict({"text": texts}),
