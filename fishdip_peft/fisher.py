@@ -47,7 +47,7 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> Optional[dict[str, 
     keys = list(samples[0])
     if any(list(s) != keys for s in samples):
         return None
-    padded = {k: v for k, v in _PAD_VALUES.items() if k != "input_ids"}
+    padded = dict(_PAD_VALUES)
     if "attention_mask" in keys:
         padded["input_ids"] = 0
     batch = {}
