@@ -46,3 +46,13 @@ def test_custom_loop_with_step_runs_as_written():
 def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "make test" in text and "make bench" in text
+
+
+def test_readme_links_every_committed_benchmark_report():
+    """Each committed benchmark report is reachable from the README, so a section cannot vanish unnoticed."""
+    text = README.read_text()
+    results = README.parent / "benchmarks" / "results"
+    reports = sorted(p.relative_to(README.parent).as_posix() for p in results.rglob("*.md"))
+    assert reports, "no committed benchmark report found"
+    missing = [r for r in reports if f"]({r})" not in text and f"]({r.rsplit('/', 1)[0]}/)" not in text]
+    assert not missing, f"README links none of: {missing}"
