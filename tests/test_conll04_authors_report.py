@@ -95,3 +95,10 @@ def test_report_from_one_run_and_from_none(tmp_path) -> None:
     assert "only FISH-DIP has a training log yet" in text and "`lr_selection.json` is missing" in text
     assert (tmp_path / "figure4.png").read_bytes().startswith(b"\x89PNG")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_run_table_shows_threads_and_where_a_run_resumed() -> None:
+    rows = ar.run_table([run("fishdip", 0, torch_threads=2),
+                         run("fixed-fish", 0, torch_threads=1, resumed_from_step=4)])
+    assert "| 6 of 1000 (early stop) | 1 (steps 1) | 10 min | 2 min | A | 2 | 0123456789 |" in rows[2]
+    assert "| 6 of 1000 (early stop), resumed at 4 |" in rows[3] and rows[3].endswith("| A | 1 | 0123456789 |")

@@ -194,21 +194,26 @@ def smoothness_comparison(means: dict, common: dict, seeds: dict) -> list[str]:
 # -- tables -----------------------------------------------------------------------------------------------
 def run_table(records: list[dict]) -> list[str]:
     cpus = processor_labels(records)
-    lines = ["| train | method | seed | entity F1 | relation F1 | steps run | masks | train | decode | cpu | commit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| train | method | seed | entity F1 | relation F1 | steps run | masks | train | decode | cpu | threads "
+             "| commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         steps = f"{r.get('steps_run', len(r.get('train_log') or []))} of {r['steps']}" + (
-            " (early stop)" if r.get("stopped_early_at") is not None else "")
+            " (early stop)" if r.get("stopped_early_at") is not None else "") + (
+            f", resumed at {r['resumed_from_step']}" if r.get("resumed_from_step") is not None else "")
         masks, built = ("—" if r.get("mask_refreshes") is None else str(r["mask_refreshes"])), mask_steps(r)
         if built:
             masks += f" (steps {', '.join(map(str, built))})"
         lines.append(f"| {100 * r['train_fraction']:g}% | {label(variant(r))} | {r['seed']} | {r['entity_f1']:.2f} | "
                      f"{r['relation_f1']:.2f} | {steps} | {masks} | "
                      f"{r.get('train_seconds', 0) / 60:.0f} min | {r.get('eval_seconds', 0) / 60:.0f} min | "
-                     f"{cpus[r.get('cpu') or '']} | {str(r.get('commit'))[:10]} |")
+                     f"{cpus[r.get('cpu') or '']} | {r.get('torch_threads', '—')} | {str(r.get('commit'))[:10]} |")
     legend = "; ".join(f"{tag} = {cpu or 'not recorded'}" for cpu, tag in cpus.items())
-    return lines + ["", f"Masks: masks built (the first one included) and the steps they were built at. Train and "
-                        f"decode: wall time of the training loop and of decoding the test set. cpu: {legend}."]
+    return lines + ["", "Masks: masks built (the first one included) and the steps they were built at. Train and "
+                        "decode: wall time of the training loop and of decoding the test set. cpu and threads "
+                        f"(torch's): {legend}; both are those of the run's last stretch: a run resumed from its saved "
+                        "state may have trained its earlier steps on another processor or thread count, which can "
+                        "change rounding but not the procedure."]
 
 
 def method_table(records: list[dict]) -> list[str]:
