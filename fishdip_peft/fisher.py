@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
 
 import torch
@@ -69,6 +69,18 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> Optional[dict[str, 
     return batch
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode (no dropout), then give every module back its own training flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 def empirical_fisher(
     model: nn.Module, samples: Sequence[Mapping[str, Any]], parameters: Sequence[nn.Parameter], *, mean: bool = True,
     autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 1,
@@ -96,24 +108,21 @@ def empirical_fisher(
     device = parameters[0].device.type
     autocast = (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     saved = [(p.requires_grad, p.grad) for p in parameters]
-    training = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        for start in range(0, len(samples), max(1, batch_size)):
-            chunk = samples[start:start + max(1, batch_size)]
-            batch = collate_samples(chunk) if len(chunk) > 1 else None
-            try:
-                if batch is None:
-                    raise CannotBatch("one sample, or samples that cannot form one batch")
-                _batched(model, batch, len(chunk), parameters, scores, autocast)  # refuses before adding anything
-            except CannotBatch:
-                _one_at_a_time(model, chunk, parameters, scores, autocast)
+        with eval_mode(model):
+            for start in range(0, len(samples), max(1, batch_size)):
+                chunk = samples[start:start + max(1, batch_size)]
+                batch = collate_samples(chunk) if len(chunk) > 1 else None
+                try:
+                    if batch is None:
+                        raise CannotBatch("one sample, or samples that cannot form one batch")
+                    _batched(model, batch, len(chunk), parameters, scores, autocast)  # refuses before adding any
+                except CannotBatch:
+                    _one_at_a_time(model, chunk, parameters, scores, autocast)
     finally:
         for param, (requires_grad, grad) in zip(parameters, saved):
             param.requires_grad_(requires_grad)
             param.grad = grad
-        for module, was_training in training:
-            module.training = was_training
     if mean:
         for score in scores:
             score.div_(len(samples))

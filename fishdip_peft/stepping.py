@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import distributed
-from .fisher import empirical_fisher, trim_right_padding
+from .fisher import empirical_fisher, eval_mode, trim_right_padding
 from .losses import IGNORE_INDEX
 from .pool import batch_size_of
 from .progress import AdapterProgress
@@ -223,10 +223,8 @@ class SteppingMixin:
         (eval mode, no gradient). Returns the number of samples scored."""
         name = self._single_active()
         self.progress[name].pool.clear()
-        training = [(m, m.training) for m in self.model.modules()]
         scored = 0
-        try:
-            self.model.eval()
+        with eval_mode(self.model):
             for batch in batches:
                 batch = distributed.to_device(dict(batch), self.sparse_adapters[name].values.device)
                 if "labels" not in batch:
@@ -238,9 +236,6 @@ class SteppingMixin:
                     losses = self._per_sample_losses(self.model, outputs, batch["labels"])
                 self.offer(losses, batch)
                 scored += losses.numel()
-        finally:
-            for module, was_training in training:
-                module.training = was_training
         return scored
 
     def refresh_mask(self) -> bool:

@@ -74,6 +74,20 @@ def test_rescoring_ranks_the_whole_training_set_by_current_losses():
     assert tuner.pool_losses() == sorted(expected.tolist(), reverse=True)[:3]
 
 
+def test_rescoring_and_a_refresh_give_each_module_back_its_own_training_flag():
+    model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05, update_every=2, num_regressing=3))
+    model.train()
+    modules = list(model.modules())
+    for module in modules[1::3]:  # a mix of training and eval modules, as a partly frozen model has
+        module.eval()
+    flags = [module.training for module in modules]
+    batch = causal_batch(0, batch=2)
+    model.base_model.rescore([batch])
+    assert [module.training for module in modules] == flags
+    assert model.base_model.refresh_mask()  # the Fisher pass over the rescored samples
+    assert [module.training for module in modules] == flags
+
+
 def test_with_rescoring_the_first_mask_and_every_refresh_use_the_rescored_samples():
     def mask_after(rescoring: bool):
         model = get_peft_model(tiny_llama(), FishDipConfig(density=0.05, update_every=2, num_regressing=2))
