@@ -75,8 +75,12 @@ def test_missing_runs_and_variants(tmp_path) -> None:
     right, wrong = np.array([[2, 2, 2, 1, 1, 1]] * 20, float), np.array([[2, 2, 0, 1, 1, 0]] * 20, float)
     gaps = ar.gap_section(records, lambda r: right if ar.variant(r) == "fishdip" else wrong)
     assert [line for line in gaps if line.startswith("| 1% |")] == [
-        "| 1% | FISH mask (fixed) | 1 (0) | **+100.0 [+100.0, +100.0]** | **+100.0 [+100.0, +100.0]** |",
-        "| 1% | FISH-DIP, n = 15 | 1 (1) | **+100.0 [+100.0, +100.0]** | **+100.0 [+100.0, +100.0]** |"]
+        "| 1% | FISH mask (fixed) | 1 (0) | **+100.0 [+100.0, +100.0]** | **+100.0 [+100.0, +100.0]** | "
+        "better / better |",
+        "| 1% | FISH-DIP, n = 15 | 1 (1) | **+100.0 [+100.0, +100.0]** | **+100.0 [+100.0, +100.0]** | "
+        "better / better |"]
+    assert [ar.verdict(*gap) for gap in ((1.0, -0.5, 2.0), (-1.0, -2.0, -0.1), (0.0, 0.0, 0.0))] == [
+        "tied", "worse", "tied"]
     text = ar.write_report(tmp_path).read_text(encoding="utf-8")
     assert "11 run(s) of the grid have not finished: `fishdip-0.01-2.json`, `fixed-fish-0.01-1.json`" in text
     assert "| 1% | FISH-DIP, n = 15 | 1 | 4 | 5 | 40.0% | 0.75 |" in text

@@ -228,6 +228,11 @@ def method_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def verdict(gap: float, low: float, high: float) -> str:
+    """FISH-DIP's standing from a gap's interval: better or worse only when the interval excludes 0."""
+    return "better" if low > 0 else "worse" if high < 0 else "tied"
+
+
 def gap_section(records: list[dict], counts: SentenceCounts) -> list[str]:
     """FISH-DIP minus each other method: mean F1 gap over the seeds both have, paired bootstrap 95% interval."""
     runs = {(r["train_fraction"], variant(r), r["seed"]): r for r in records if counts(r) is not None}
@@ -235,8 +240,9 @@ def gap_section(records: list[dict], counts: SentenceCounts) -> list[str]:
              f"with a 95% paired bootstrap interval over the {FULL_TEST_SENTENCES} test sentences (10,000 resamples, "
              "`benchmarks/conll04/significance.py`; each resample scores every seed on the same sentences). Bold: "
              "the interval excludes 0. The interval leaves out seed-to-seed variation.", "",
-             "| train | FISH-DIP minus | seeds used | entity F1 gap [95% CI] | relation F1 gap [95% CI] |",
-             "| --- | --- | --- | --- | --- |"]
+             "| train | FISH-DIP minus | seeds used | entity F1 gap [95% CI] | relation F1 gap [95% CI] | "
+             "FISH-DIP is (entity / relation) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for fraction, name in by_method(records):  # grid order
         seeds = sorted(s for f, n, s in runs if (f, n) == (fraction, name) and (f, REFERENCE, s) in runs)
         if name == REFERENCE or not seeds:
@@ -244,7 +250,8 @@ def gap_section(records: list[dict], counts: SentenceCounts) -> list[str]:
         gaps = paired_bootstrap([counts(runs[(fraction, REFERENCE, s)]) for s in seeds],
                                 [counts(runs[(fraction, name, s)]) for s in seeds])
         lines.append(f"| {100 * fraction:g}% | {label(name)} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
-                     f"{fmt_gap(*gaps['entity'])} | {fmt_gap(*gaps['relation'])} |")
+                     f"{fmt_gap(*gaps['entity'])} | {fmt_gap(*gaps['relation'])} | "
+                     f"{verdict(*gaps['entity'])} / {verdict(*gaps['relation'])} |")
     if len(lines) == 4:
         return ["No FISH-DIP run and run of another method share a fraction and seed yet."]
     return lines
