@@ -73,12 +73,22 @@ def test_missing_runs_and_variants(tmp_path) -> None:
     # Per-sentence counts (entity gold, predicted, correct, relation gold, predicted, correct): FISH-DIP gets every
     # sentence right, the others none; only the seeds both methods have are paired.
     right, wrong = np.array([[2, 2, 2, 1, 1, 1]] * 20, float), np.array([[2, 2, 0, 1, 1, 0]] * 20, float)
-    gaps = ar.gap_section(records, lambda r: right if ar.variant(r) == "fishdip" else wrong)
-    assert [line for line in gaps if line.startswith("| 1% |")] == [
+    gaps = ar.fishdip_gaps(records, lambda r: right if ar.variant(r) == "fishdip" else wrong)
+    assert [line for line in ar.gap_section(gaps) if line.startswith("| 1% |")] == [
         "| 1% | FISH mask (fixed) | 1 (0) | **+100.0 [+100.0, +100.0]** | **+100.0 [+100.0, +100.0]** | "
-        "better / better |",
+        "0: +100.0 / +100.0 | better / better |",
         "| 1% | FISH-DIP, n = 15 | 1 (1) | **+100.0 [+100.0, +100.0]** | **+100.0 [+100.0, +100.0]** | "
-        "better / better |"]
+        "1: +100.0 / +100.0 | better / better |"]
+    answer = ar.answer_section(gaps, ar.missing_runs(records))
+    assert "Provisional: 11 run(s) of the grid are missing" in answer[0]
+    assert answer[2:] == [
+        "- Against FISH mask (fixed): **better** on entity F1 (**+100.0 [+100.0, +100.0]**) and **better** on "
+        "relation F1 (**+100.0 [+100.0, +100.0]**). Seeds where FISH-DIP is ahead: 1 of 1 on entity F1, 1 on "
+        "relation F1 (seeds run: 0).",
+        "- Against FISH-DIP, n = 15: **better** on entity F1 (**+100.0 [+100.0, +100.0]**) and **better** on "
+        "relation F1 (**+100.0 [+100.0, +100.0]**). Seeds where FISH-DIP is ahead: 1 of 1 on entity F1, 1 on "
+        "relation F1 (seeds run: 1).",
+        "- Against LoRA: no paired run yet.", "- Against Full fine-tuning: no paired run yet."]
     assert [ar.verdict(*gap) for gap in ((1.0, -0.5, 2.0), (-1.0, -2.0, -0.1), (0.0, 0.0, 0.0))] == [
         "tied", "worse", "tied"]
     text = ar.write_report(tmp_path).read_text(encoding="utf-8")

@@ -21,7 +21,7 @@ from benchmarks.conll04 import authors
 from benchmarks.conll04.report import (FULL_TEST_SENTENCES, METHOD_LABELS, SentenceCounts, fmt_gap, fmt_mean_std,
                                        human_count, is_partial, load_results, load_runs, processor_labels)
 from benchmarks.conll04.run import result_name
-from benchmarks.conll04.significance import paired_bootstrap
+from benchmarks.conll04.significance import micro_f1, paired_bootstrap
 from fishdip_peft.atomic import atomic_write
 
 REFERENCE = "fishdip"
@@ -233,27 +233,65 @@ def verdict(gap: float, low: float, high: float) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "tied"
 
 
-def gap_section(records: list[dict], counts: SentenceCounts) -> list[str]:
-    """FISH-DIP minus each other method: mean F1 gap over the seeds both have, paired bootstrap 95% interval."""
+def fishdip_gaps(records: list[dict], counts: SentenceCounts) -> list[dict]:
+    """FISH-DIP minus each other method at each fraction, over the seeds both have (grid order).
+
+    Each entry: fraction, name, seeds, gaps (`paired_bootstrap`'s mean gap and 95% interval per kind) and
+    per_seed (each seed's own entity and relation F1 gap).
+    """
     runs = {(r["train_fraction"], variant(r), r["seed"]): r for r in records if counts(r) is not None}
-    lines = ["FISH-DIP's F1 minus each other method's on the same test sentences, mean over the seeds both have, "
-             f"with a 95% paired bootstrap interval over the {FULL_TEST_SENTENCES} test sentences (10,000 resamples, "
-             "`benchmarks/conll04/significance.py`; each resample scores every seed on the same sentences). Bold: "
-             "the interval excludes 0. The interval leaves out seed-to-seed variation.", "",
-             "| train | FISH-DIP minus | seeds used | entity F1 gap [95% CI] | relation F1 gap [95% CI] | "
-             "FISH-DIP is (entity / relation) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    found = []
     for fraction, name in by_method(records):  # grid order
         seeds = sorted(s for f, n, s in runs if (f, n) == (fraction, name) and (f, REFERENCE, s) in runs)
         if name == REFERENCE or not seeds:
             continue
-        gaps = paired_bootstrap([counts(runs[(fraction, REFERENCE, s)]) for s in seeds],
-                                [counts(runs[(fraction, name, s)]) for s in seeds])
-        lines.append(f"| {100 * fraction:g}% | {label(name)} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
-                     f"{fmt_gap(*gaps['entity'])} | {fmt_gap(*gaps['relation'])} | "
-                     f"{verdict(*gaps['entity'])} / {verdict(*gaps['relation'])} |")
-    if len(lines) == 4:
+        ours = [counts(runs[(fraction, REFERENCE, s)]) for s in seeds]
+        theirs = [counts(runs[(fraction, name, s)]) for s in seeds]
+        found.append({"fraction": fraction, "name": name, "seeds": seeds, "gaps": paired_bootstrap(ours, theirs),
+                      "per_seed": [tuple(micro_f1(a.sum(0)) - micro_f1(b.sum(0))) for a, b in zip(ours, theirs)]})
+    return found
+
+
+def gap_section(gaps: list[dict]) -> list[str]:
+    """FISH-DIP minus each other method: mean F1 gap over the seeds both have, paired bootstrap 95% interval."""
+    if not gaps:
         return ["No FISH-DIP run and run of another method share a fraction and seed yet."]
+    lines = ["FISH-DIP's F1 minus each other method's on the same test sentences, mean over the seeds both have, "
+             f"with a 95% paired bootstrap interval over the {FULL_TEST_SENTENCES} test sentences (10,000 resamples, "
+             "`benchmarks/conll04/significance.py`; each resample scores every seed on the same sentences). Bold: "
+             "the interval excludes 0. The interval leaves out seed-to-seed variation; the per-seed gaps show it.", "",
+             "| train | FISH-DIP minus | seeds used | entity F1 gap [95% CI] | relation F1 gap [95% CI] | "
+             "per seed (entity / relation) | FISH-DIP is (entity / relation) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for g in gaps:
+        per_seed = "; ".join(f"{seed}: {e:+.1f} / {r:+.1f}" for seed, (e, r) in zip(g["seeds"], g["per_seed"]))
+        lines.append(f"| {100 * g['fraction']:g}% | {label(g['name'])} | {len(g['seeds'])} "
+                     f"({', '.join(map(str, g['seeds']))}) | {fmt_gap(*g['gaps']['entity'])} | "
+                     f"{fmt_gap(*g['gaps']['relation'])} | {per_seed} | "
+                     f"{verdict(*g['gaps']['entity'])} / {verdict(*g['gaps']['relation'])} |")
+    return lines
+
+
+def answer_section(gaps: list[dict], missing: list[str]) -> list[str]:
+    """The question in words: at the paper's fraction, is FISH-DIP better, tied or worse than each method?"""
+    at_paper = {g["name"]: g for g in gaps if g["fraction"] == PAPER_FRACTION}
+    lines = [f"Does FISH-DIP as the authors run it (n = 3) beat the other methods at {100 * PAPER_FRACTION:g}% of "
+             "train on this model? Better or worse only where the 95% interval of the gap excludes 0; ties "
+             "otherwise." + (f" Provisional: {len(missing)} run(s) of the grid are missing (below)." if missing
+                             else " Every run of the grid is in."), ""]
+    for name in ORDER:
+        if name == REFERENCE:
+            continue
+        g = at_paper.get(name)
+        if g is None:
+            lines.append(f"- Against {label(name)}: no paired run yet.")
+            continue
+        entity, relation = g["gaps"]["entity"], g["gaps"]["relation"]
+        ahead = [sum(gap[k] > 0 for gap in g["per_seed"]) for k in (0, 1)]
+        lines.append(f"- Against {label(name)}: **{verdict(*entity)}** on entity F1 ({fmt_gap(*entity)}) and "
+                     f"**{verdict(*relation)}** on relation F1 ({fmt_gap(*relation)}). Seeds where FISH-DIP is ahead: "
+                     f"{ahead[0]} of {len(g['seeds'])} on entity F1, {ahead[1]} on relation F1 (seeds run: "
+                     f"{', '.join(map(str, g['seeds']))}).")
     return lines
 
 
@@ -391,18 +429,21 @@ def write_report(folder: str | Path = authors.RESULTS) -> Path:
              "folder (written by `python -m benchmarks.conll04.authors --grid`). Scores: micro F1 in percent on the "
              "CoNLL'04 test set; ± is the sample standard deviation over seeds (none for one seed)."
              + (f" {left_out} run(s) of an earlier procedure or scored on part of the test set are left out."
-                if left_out else ""), "", "## Runs still missing", ""]
-    lines += [(f"{len(missing)} run(s) of the grid have not finished: " + ", ".join(f"`{m}`" for m in missing)
+                if left_out else ""), ""]
+    gaps = fishdip_gaps(records, SentenceCounts())
+    if records:
+        lines += ["## Answer", ""] + answer_section(gaps, missing) + [""]
+    lines += ["## Runs still missing", "",
+              (f"{len(missing)} run(s) of the grid have not finished: " + ", ".join(f"`{m}`" for m in missing)
                + ". Every figure below covers only the runs listed under Runs." if missing
                else "None: every run of the grid is in."), ""]
     if not records:
         lines += ["No run has finished yet.", ""]
     else:
-        counts = SentenceCounts()
         lines += ["## Setting", ""] + setting_lines(records) + [""]
         lines += ["## Runs", ""] + run_table(records) + [""]
         lines += ["## Per method", ""] + method_table(records) + [""]
-        lines += ["## FISH-DIP against each other method", ""] + gap_section(records, counts) + [""]
+        lines += ["## FISH-DIP against each other method", ""] + gap_section(gaps) + [""]
         lines += ["## Against the paper", ""] + paper_section(records) + [""]
         lines += ["## Smoothness of the per-sample losses", ""] + smoothness_section(records) + [""]
     lines += ["## Figure 4", ""]
