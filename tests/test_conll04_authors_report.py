@@ -116,3 +116,13 @@ def test_run_table_shows_threads_and_where_a_run_resumed() -> None:
                          run("fixed-fish", 0, torch_threads=1, resumed_from_step=4)])
     assert "| 6 of 1000 (early stop) | 1 (steps 1) | 10 min | 2 min | A | 2 | 0123456789 |" in rows[2]
     assert "| 6 of 1000 (early stop), resumed at 4 |" in rows[3] and rows[3].endswith("| A | 1 | 0123456789 |")
+
+
+def test_lr_section_lists_the_proxy_runs_finished_before_the_selection(tmp_path) -> None:
+    assert ar.lr_section(tmp_path)[1:] == []
+    (tmp_path / "lr_selection").mkdir()
+    for lr, entity in ((1e-3, 20.61), (3e-4, 15.5)):
+        proxy = run("lora", 0, learning_rate=lr, entity_f1=entity, relation_f1=0.0, steps_run=250, steps=250)
+        (tmp_path / "lr_selection" / f"lora-lr{lr:g}.json").write_text(json.dumps(proxy), encoding="utf-8")
+    assert ar.lr_section(tmp_path)[4:] == ["- LoRA, rate 0.0003: 15.5 / 0.0 (250 steps)",
+                                           "- LoRA, rate 0.001: 20.6 / 0.0 (250 steps)"]

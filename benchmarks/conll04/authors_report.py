@@ -315,8 +315,16 @@ def paper_section(records: list[dict]) -> list[str]:
 def lr_section(folder: Path) -> list[str]:
     path = folder / authors.LR_FILE_NAME
     if not path.is_file():
-        return [f"Not selected yet (`{authors.LR_FILE_NAME}` is missing; `python -m benchmarks.conll04.authors "
-                "--select-lr`): LoRA and full fine-tuning wait for it."]
+        lines = [f"Not selected yet (`{authors.LR_FILE_NAME}` is missing; `python -m benchmarks.conll04.authors "
+                 "--select-lr`): LoRA and full fine-tuning wait for it."]
+        rank = {name: i for i, name in enumerate(ORDER)}
+        finished = sorted((json.loads(f.read_text(encoding="utf-8")) for f in (folder / "lr_selection").glob("*.json")),
+                          key=lambda r: (rank.get(variant(r), len(ORDER)), r["learning_rate"]))
+        if finished:
+            lines += ["", "Proxy runs finished so far (dev entity / relation F1):", ""] + [
+                f"- {label(variant(r))}, rate {r['learning_rate']:g}: {r['entity_f1']:.1f} / {r['relation_f1']:.1f} "
+                f"({r.get('steps_run', r['steps'])} steps)" for r in finished]
+        return lines
     selection = json.loads(path.read_text(encoding="utf-8"))
     s = selection.get("setting", {})
     lines = [f"{s.get('optimizer', 'AdamW')}, {100 * s.get('train_fraction', 0.01):g}% of train, seed "
