@@ -16,7 +16,8 @@ optimizer steps at 1 / 5 / 10%, the rate decaying linearly to 0 without warm-up,
 * ``fixed-fish``: the fixed FISH mask, same optimizer and first mask, never refreshed;
 * ``lora`` and ``full-ft``: AdamW with the same schedule, each at the rate chosen on dev (`--select-lr`):
   a proxy budget of 250 steps at 1% (seed 0) per rate of `LR_GRID`, scored on 80 dev sentences; highest
-  mean of entity and relation F1 wins, ties to the smaller rate.
+  mean of entity and relation F1 wins, ties to the smaller rate. A grid whose best rate is at one end
+  grows past it (`selection_rates`).
 
 Runs write ``benchmarks/results/conll04/authors_regime/<method>-<fraction>-<seed>.json``. A run saves its
 whole training state every 10 minutes (under ``--checkpoint-root``) and resumes from it when started
@@ -62,6 +63,7 @@ METHODS = {
     "full-ft": ("full-ft", {}, "adamw"),
 }
 LR_GRID = {"lora": (3e-4, 1e-3, 3e-3), "full-ft": (1e-5, 3e-5, 1e-4)}
+MAX_EXTENSIONS = 2  # rates added to a method's grid while its best rate is at an end (`selection_rates`)
 FIRST = ("fishdip", "fixed-fish")  # run by --grid before the dev selection (they run at the authors' rate)
 SELECTION = {"train_fraction": 0.01, "seed": 0, "steps": 250, "eval_limit": 80}
 RESULTS = RESULTS_DIR / "authors_regime"
@@ -119,39 +121,78 @@ def selected_rate(args, name: str) -> tuple[float, str] | None:
     return float(chosen["selected"]), f"dev selection (authors_regime/{LR_FILE_NAME})"
 
 
+def selection_score(record: dict) -> float:
+    return (record["entity_f1"] + record["relation_f1"]) / 2
+
+
+def selection_rates(name: str, scores: dict[float, float]) -> list[float]:
+    """`LR_GRID[name]`, extended while its best rate is at one end, `MAX_EXTENSIONS` rates at most.
+
+    `scores` maps each finished proxy's rate to its dev score. The half-decade grid goes on with ten times
+    its second rate from the top (3e-3 -> 1e-2) or a tenth of its second from the bottom; it stops growing
+    while a rate lacks a score, and ties go to the smaller rate.
+    """
+    rates = sorted(LR_GRID[name])
+    for _ in range(MAX_EXTENSIONS):
+        if any(r not in scores for r in rates):
+            break
+        best = max(rates, key=lambda r: (scores[r], -r))
+        if best == rates[-1]:
+            rates.append(float(f"{rates[-2] * 10:.6g}"))
+        elif best == rates[0]:
+            rates.insert(0, float(f"{rates[1] / 10:.6g}"))
+        else:
+            break
+    return rates
+
+
+def selection_records(args, name: str, command: str) -> dict[float, dict]:
+    """The finished dev proxy runs of `name` under the current configuration, by rate."""
+    found = {}
+    for path in sorted((args.results_dir / "lr_selection").glob(f"{name}-lr*.json")):
+        record = json.loads(path.read_text())
+        rate = record.get("learning_rate")
+        if rate is not None and same_config(record, selection_spec(args, name, rate, command)):
+            found[rate] = record
+    return found
+
+
+def selection_spec(args, name: str, lr: float, command: str) -> dict:
+    return run_spec(args, name, SELECTION["train_fraction"], SELECTION["seed"], SELECTION["steps"], lr,
+                    "dev selection grid", "dev", SELECTION["eval_limit"], command)
+
+
 def plan_selection(args, command: str) -> list[tuple[Path, dict]]:
+    """The dev proxy runs of every selected method: its grid as extended by the runs finished so far."""
     plan = []
     for name in [m for m in args.methods if m in LR_GRID]:
-        for lr in LR_GRID[name]:
-            spec = run_spec(args, name, SELECTION["train_fraction"], SELECTION["seed"], SELECTION["steps"], lr,
-                            "dev selection grid", "dev", SELECTION["eval_limit"], command)
-            plan.append((args.results_dir / "lr_selection" / f"{name}-lr{lr:g}.json", spec))
+        scores = {rate: selection_score(r) for rate, r in selection_records(args, name, command).items()}
+        for lr in selection_rates(name, scores):
+            plan.append((args.results_dir / "lr_selection" / f"{name}-lr{lr:g}.json",
+                         selection_spec(args, name, lr, command)))
     return plan
 
 
-def write_selection(args, plan: list[tuple[Path, dict]], command: str) -> dict:
+def write_selection(args, command: str) -> dict:
     methods = {}
     for name in LR_GRID:
-        records = []
-        for path, spec in plan:
-            if spec["variant"] == name and path.is_file():
-                record = json.loads(path.read_text())
-                if same_config(record, spec):
-                    records.append(record)
+        records = selection_records(args, name, command)
         if not records:
             continue
-        records.sort(key=lambda r: r["learning_rate"])
-        entry = {"grid": list(LR_GRID[name]), "dev_scores": {
-            f"{r['learning_rate']:g}": {"entity_f1": round(r["entity_f1"], 4), "relation_f1": round(r["relation_f1"], 4),
-                                        "final_train_loss": r.get("final_train_loss")} for r in records}}
-        if len(records) == len(LR_GRID[name]):
-            entry["selected"] = max(records, key=lambda r: (r["entity_f1"] + r["relation_f1"]) / 2)["learning_rate"]
+        rates = selection_rates(name, {rate: selection_score(r) for rate, r in records.items()})
+        entry = {"grid": rates, "dev_scores": {
+            f"{rate:g}": {"entity_f1": round(r["entity_f1"], 4), "relation_f1": round(r["relation_f1"], 4),
+                          "final_train_loss": r.get("final_train_loss")} for rate, r in sorted(records.items())}}
+        if all(rate in records for rate in rates):
+            entry["selected"] = max(rates, key=lambda rate: (selection_score(records[rate]), -rate))
+            entry["at_grid_end"] = entry["selected"] in (rates[0], rates[-1])
         methods[name] = entry
     selection = {
         "model": model_name(args.model),
         "setting": {**SELECTION, "batch_size": BATCH_SIZE, "optimizer": "AdamW", "lr_schedule": "linear",
                     "early_stop": "loss below 1e-6 for 20 steps", "eval_split": "dev",
-                    "criterion": "highest (entity F1 + relation F1) / 2 on 80 dev sentences; ties to the smaller rate"},
+                    "criterion": "highest (entity F1 + relation F1) / 2 on 80 dev sentences; ties to the smaller "
+                                 f"rate; the grid extends past an end that wins, {MAX_EXTENSIONS} rates at most"},
         "command": command, "methods": methods,
     }
     write_json_atomic(args.results_dir / LR_FILE_NAME, selection)
@@ -217,9 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[Path] = []
 
     def select() -> None:
-        plan = plan_selection(args, command)
-        failed.extend(execute_plan(plan, args.force, args.commit))
-        selection = write_selection(args, plan, command)
+        plan: list[tuple[Path, dict]] = []
+        while True:  # a grid whose best rate is at an end grows: run the rates it adds
+            done = {path for path, _ in plan}
+            plan = plan_selection(args, command)
+            new = [entry for entry in plan if entry[0] not in done]
+            if not new:
+                break
+            failed.extend(execute_plan(new, args.force, args.commit))
+        selection = write_selection(args, command)
         for name, entry in selection["methods"].items():
             print(f"{name}: selected lr {entry.get('selected', 'incomplete')}  dev {entry['dev_scores']}")
         if args.commit:
