@@ -126,3 +126,15 @@ def test_lr_section_lists_the_proxy_runs_finished_before_the_selection(tmp_path)
         (tmp_path / "lr_selection" / f"lora-lr{lr:g}.json").write_text(json.dumps(proxy), encoding="utf-8")
     assert ar.lr_section(tmp_path)[4:] == ["- LoRA, rate 0.0003: 15.5 / 0.0 (250 steps)",
                                            "- LoRA, rate 0.001: 20.6 / 0.0 (250 steps)"]
+
+
+def test_lr_section_flags_a_rate_selected_at_an_end_of_its_grid(tmp_path) -> None:
+    selection = {"setting": {"seed": 0, "steps": 250, "eval_limit": 80, "criterion": "mean F1"}, "methods": {
+        "lora": {"dev_scores": {"0.003": {"entity_f1": 26.2, "relation_f1": 4.8}}, "selected": 3e-2,
+                 "at_grid_end": True},
+        "full-ft": {"dev_scores": {"3e-05": {"entity_f1": 20.0, "relation_f1": 2.0}}, "selected": 3e-5,
+                    "at_grid_end": False}}}
+    (tmp_path / "lr_selection.json").write_text(json.dumps(selection), encoding="utf-8")
+    rows = ar.lr_section(tmp_path)
+    assert rows[-2] == "| LoRA | 0.003: 26.2 / 4.8 | 0.03 (an end of the grid) |"
+    assert rows[-1] == "| Full fine-tuning | 3e-05: 20.0 / 2.0 | 3e-05 |"

@@ -335,7 +335,9 @@ def lr_section(folder: Path) -> list[str]:
         scores = "; ".join(f"{lr}: {v['entity_f1']:.1f} / {v['relation_f1']:.1f}"
                            for lr, v in entry.get("dev_scores", {}).items())
         chosen = entry.get("selected")
-        lines.append(f"| {label(name)} | {scores} | {'incomplete' if chosen is None else f'{chosen:g}'} |")
+        edge = " (an end of the grid)" if entry.get("at_grid_end") else ""
+        shown = "incomplete" if chosen is None else f"{chosen:g}{edge}"
+        lines.append(f"| {label(name)} | {scores} | {shown} |")
     return lines
 
 
