@@ -125,6 +125,11 @@ def selection_score(record: dict) -> float:
     return (record["entity_f1"] + record["relation_f1"]) / 2
 
 
+def best_rate(rates: list[float], scores: dict[float, float]) -> float:
+    """The rate of highest dev score; ties go to the smaller rate."""
+    return max(rates, key=lambda r: (scores[r], -r))
+
+
 def selection_rates(name: str, scores: dict[float, float]) -> list[float]:
     """`LR_GRID[name]`, extended while its best rate is at one end, `MAX_EXTENSIONS` rates at most.
 
@@ -136,7 +141,7 @@ def selection_rates(name: str, scores: dict[float, float]) -> list[float]:
     for _ in range(MAX_EXTENSIONS):
         if any(r not in scores for r in rates):
             break
-        best = max(rates, key=lambda r: (scores[r], -r))
+        best = best_rate(rates, scores)
         if best == rates[-1]:
             rates.append(float(f"{rates[-2] * 10:.6g}"))
         elif best == rates[0]:
@@ -179,12 +184,13 @@ def write_selection(args, command: str) -> dict:
         records = selection_records(args, name, command)
         if not records:
             continue
-        rates = selection_rates(name, {rate: selection_score(r) for rate, r in records.items()})
+        scores = {rate: selection_score(r) for rate, r in records.items()}
+        rates = selection_rates(name, scores)
         entry = {"grid": rates, "dev_scores": {
             f"{rate:g}": {"entity_f1": round(r["entity_f1"], 4), "relation_f1": round(r["relation_f1"], 4),
                           "final_train_loss": r.get("final_train_loss")} for rate, r in sorted(records.items())}}
         if all(rate in records for rate in rates):
-            entry["selected"] = max(rates, key=lambda rate: (selection_score(records[rate]), -rate))
+            entry["selected"] = best_rate(rates, scores)
             entry["at_grid_end"] = entry["selected"] in (rates[0], rates[-1])
         methods[name] = entry
     selection = {
