@@ -138,3 +138,17 @@ def test_lr_section_flags_a_rate_selected_at_an_end_of_its_grid(tmp_path) -> Non
     rows = ar.lr_section(tmp_path)
     assert rows[-2] == "| LoRA | 0.003: 26.2 / 4.8 | 0.03 (an end of the grid) |"
     assert rows[-1] == "| Full fine-tuning | 3e-05: 20.0 / 2.0 | 3e-05 |"
+
+
+def test_where_fishdip_and_the_fixed_mask_part() -> None:
+    refreshed = [dict(e, mask_changed=e["step"] in (1, 3)) for e in LOG]
+    ours = run("fishdip", 0, train_log=refreshed)
+    parted_at_4 = run("fixed-fish", 0, train_log=LOG[:3] + [step(4, {0: 1.0, 1: 1.25})] + LOG[4:])
+    assert ar.shared_start(ours, parted_at_4) == 3
+    assert ar.shared_start(ours, run("fixed-fish", 0, train_log=[step(1, {0: 4.5, 1: 1.0})] + LOG[1:])) == 0
+    [line] = ar.shared_start_sentence([ours, parted_at_4, run("lora", 0)])
+    assert "seed 0: through step 3, first refresh at step 3" in line and "follows from the refreshes" in line
+    parted_at_2 = run("fixed-fish", 0, train_log=LOG[:1] + [step(2, {0: 2.5})] + LOG[2:])
+    [line] = ar.shared_start_sentence([ours, parted_at_2])
+    assert "through step 1" in line and "follows from the refreshes" not in line
+    assert ar.shared_start_sentence([ours, run("fixed-fish", 1)]) == []

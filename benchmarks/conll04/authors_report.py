@@ -128,7 +128,8 @@ def mean_of(values: list[float | None]) -> float | None:
 SMOOTHNESS_DEFINITION = (
     "For each training sentence, its per-sample losses (`train_log`: `per_sample_losses` by `sample_ids`) at the "
     "steps whose batch holds it form a series (at 1% every step holds all 9 sentences). A *pair* is two consecutive "
-    "values of a series, a *rise* a pair whose second value is strictly larger. **Rise share** = rises / pairs, "
+    "values of a series, a *rise* a pair whose second value is strictly larger (the log keeps 6 decimals, so a "
+    "change under 1e-6 is no rise). **Rise share** = rises / pairs, "
     "pooled over the sentences; **mean rise** = the mean increase of the loss over the rises; **after refreshes** "
     f"= the share of the summed increase in pairs ending 1 to {REFRESH_WINDOW} steps after a mask refresh (the "
     "first mask not counted). Steps analysed: up to the early stop, without its closing window (the last "
@@ -163,7 +164,8 @@ def smoothness_section(records: list[dict]) -> list[str]:
         lines.append(f"| {100 * fraction:g}% | {label(name)} | {len(runs)} | {fmt_share(m['rise_share'])} | "
                      f"{fmt_rise(m['mean_rise'])} | {fmt_share(m['after_refresh'])} | {fmt_share(m['rise_share_w'])} "
                      f"| {fmt_rise(m['mean_rise_w'])} |")
-    return lines + [""] + smoothness_comparison(means, common, {k: len(v) for k, v in groups.items()})
+    return (lines + [""] + smoothness_comparison(means, common, {k: len(v) for k, v in groups.items()})
+            + shared_start_sentence(logged))
 
 
 def smoothness_comparison(means: dict, common: dict, seeds: dict) -> list[str]:
@@ -188,6 +190,37 @@ def smoothness_comparison(means: dict, common: dict, seeds: dict) -> list[str]:
                          f"{seeds[(fraction, 'fixed-fish')]} seed(s)); over all its steps analysed, "
                          f"{fmt_share(ours['after_refresh'])} of FISH-DIP's summed rise comes in the {REFRESH_WINDOW} "
                          "steps after a mask refresh.")
+    return lines
+
+
+def shared_start(a: dict, b: dict) -> int:
+    """Last step up to which two runs logged the same samples with the same losses (0 if the first differs)."""
+    last = 0
+    for x, y in zip(a.get("train_log") or [], b.get("train_log") or []):
+        if (x["step"], x["sample_ids"], x["per_sample_losses"]) != (y["step"], y["sample_ids"], y["per_sample_losses"]):
+            break
+        last = x["step"]
+    return last
+
+
+def shared_start_sentence(records: list[dict]) -> list[str]:
+    """Where FISH-DIP and the fixed mask (same first mask, optimizer and seed) part, seed by seed."""
+    runs = {(variant(r), r["train_fraction"], r["seed"]): r for r in records if r.get("train_log")}
+    lines = []
+    for fraction in sorted({f for _, f, _ in runs}):
+        pairs = [(seed, runs[(REFERENCE, fraction, seed)], runs[("fixed-fish", fraction, seed)])
+                 for seed in sorted({s for _, f, s in runs if f == fraction})
+                 if (REFERENCE, fraction, seed) in runs and ("fixed-fish", fraction, seed) in runs]
+        if not pairs:
+            continue
+        parts = [(seed, shared_start(ours, fixed), (mask_steps(ours)[1:] or [None])[0]) for seed, ours, fixed in pairs]
+        text = "; ".join(f"seed {seed}: through step {same}, first refresh at step {refresh}"
+                         for seed, same, refresh in parts)
+        line = f"At {100 * fraction:g}%, FISH-DIP and the fixed mask log the same per-sample losses ({text})."
+        if all(refresh is not None and same >= refresh for _, same, refresh in parts):
+            line += (" Until its first refresh FISH-DIP is the fixed mask, so every difference between them follows "
+                     "from the refreshes.")
+        lines.append(line)
     return lines
 
 
