@@ -152,3 +152,5 @@ def test_where_fishdip_and_the_fixed_mask_part() -> None:
     [line] = ar.shared_start_sentence([ours, parted_at_2])
     assert "through step 1" in line and "follows from the refreshes" not in line
     assert ar.shared_start_sentence([ours, run("fixed-fish", 1)]) == []
+    [line] = ar.shared_start_sentence([run("fishdip", 0), run("fixed-fish", 0)])
+    assert "seed 0: through step 6, no refresh" in line and "follows from the refreshes" not in line

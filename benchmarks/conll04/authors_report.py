@@ -214,7 +214,8 @@ def shared_start_sentence(records: list[dict]) -> list[str]:
         if not pairs:
             continue
         parts = [(seed, shared_start(ours, fixed), (mask_steps(ours)[1:] or [None])[0]) for seed, ours, fixed in pairs]
-        text = "; ".join(f"seed {seed}: through step {same}, first refresh at step {refresh}"
+        text = "; ".join(f"seed {seed}: through step {same}, "
+                         + (f"first refresh at step {refresh}" if refresh is not None else "no refresh")
                          for seed, same, refresh in parts)
         line = f"At {100 * fraction:g}%, FISH-DIP and the fixed mask log the same per-sample losses ({text})."
         if all(refresh is not None and same >= refresh for _, same, refresh in parts):
