@@ -62,6 +62,14 @@ def by_method(records: list[dict]) -> dict[tuple[float, str], list[dict]]:
     return groups
 
 
+def paired_with_fishdip(records: list[dict], fraction: float, name: str) -> list[tuple[int, dict, dict]]:
+    """(seed, FISH-DIP's run, `name`'s run) for every seed both ran at `fraction`, seeds ascending."""
+    ours = {r["seed"]: r for r in records if (r["train_fraction"], variant(r)) == (fraction, REFERENCE)}
+    theirs = sorted((r for r in records if (r["train_fraction"], variant(r)) == (fraction, name)),
+                    key=lambda r: r["seed"])
+    return [(r["seed"], ours[r["seed"]], r) for r in theirs if r["seed"] in ours]
+
+
 def missing_runs(records: list[dict]) -> list[str]:
     """The grid's result files (`authors.METHODS` x fractions x `authors.SEEDS`) not in `records`."""
     have = {(variant(r), r["train_fraction"], r["seed"]) for r in records}
@@ -205,12 +213,10 @@ def shared_start(a: dict, b: dict) -> int:
 
 def shared_start_sentence(records: list[dict]) -> list[str]:
     """Where FISH-DIP and the fixed mask (same first mask, optimizer and seed) part, seed by seed."""
-    runs = {(variant(r), r["train_fraction"], r["seed"]): r for r in records if r.get("train_log")}
+    logged = [r for r in records if r.get("train_log")]
     lines = []
-    for fraction in sorted({f for _, f, _ in runs}):
-        pairs = [(seed, runs[(REFERENCE, fraction, seed)], runs[("fixed-fish", fraction, seed)])
-                 for seed in sorted({s for _, f, s in runs if f == fraction})
-                 if (REFERENCE, fraction, seed) in runs and ("fixed-fish", fraction, seed) in runs]
+    for fraction in sorted({r["train_fraction"] for r in logged}):
+        pairs = paired_with_fishdip(logged, fraction, "fixed-fish")
         if not pairs:
             continue
         parts = [(seed, shared_start(ours, fixed), (mask_steps(ours)[1:] or [None])[0]) for seed, ours, fixed in pairs]
@@ -273,14 +279,15 @@ def fishdip_gaps(records: list[dict], counts: SentenceCounts) -> list[dict]:
     Each entry: fraction, name, seeds, gaps (`paired_bootstrap`'s mean gap and 95% interval per kind) and
     per_seed (each seed's own entity and relation F1 gap).
     """
-    runs = {(r["train_fraction"], variant(r), r["seed"]): r for r in records if counts(r) is not None}
+    scored = [r for r in records if counts(r) is not None]
     found = []
-    for fraction, name in by_method(records):  # grid order
-        seeds = sorted(s for f, n, s in runs if (f, n) == (fraction, name) and (f, REFERENCE, s) in runs)
-        if name == REFERENCE or not seeds:
+    for fraction, name in by_method(scored):  # grid order
+        pairs = paired_with_fishdip(scored, fraction, name)
+        if name == REFERENCE or not pairs:
             continue
-        ours = [counts(runs[(fraction, REFERENCE, s)]) for s in seeds]
-        theirs = [counts(runs[(fraction, name, s)]) for s in seeds]
+        seeds = [seed for seed, _, _ in pairs]
+        ours = [counts(a) for _, a, _ in pairs]
+        theirs = [counts(b) for _, _, b in pairs]
         found.append({"fraction": fraction, "name": name, "seeds": seeds, "gaps": paired_bootstrap(ours, theirs),
                       "per_seed": [tuple(micro_f1(a.sum(0)) - micro_f1(b.sum(0))) for a, b in zip(ours, theirs)]})
     return found
