@@ -22,6 +22,9 @@ optimizer steps at 1 / 5 / 10%, the rate decaying linearly to 0 without warm-up,
 Runs write ``benchmarks/results/conll04/authors_regime/<method>-<fraction>-<seed>.json``. A run saves its
 whole training state every 10 minutes (under ``--checkpoint-root``) and resumes from it when started
 again, ending bit for bit where an uninterrupted run ends; the state is deleted once the JSON is written.
+To carry an unfinished run to another machine, carry its folder: with ``--checkpoint-root`` inside the
+checkout it can be committed beside the results (about 20-40 MB for a sparse or LoRA run; full fine-tuning's
+1.6 GB of weights and AdamW moments is too large, so its runs must finish where they start).
 Run the grid from one fixed commit (a ``git worktree``) and point ``--results-dir`` at the main
 checkout: each JSON records the commit that produced it and ``--commit`` commits it where it lands.
 """
