@@ -9,8 +9,9 @@ can train the adapters meanwhile), then answers commands read from stdin, one a 
   and so on, forever. With a phase the child stops, printing `phase <phase>`, at that point of its first
   save and waits to be killed: `write` (the weights' temporary file is written, not yet renamed), `between`
   (the weights file is in place, the config not yet written), `config` (the config's temporary folder is
-  written, not yet renamed). With `calibrate` it times 8 saves into a scratch folder instead, prints
-  `phase calibrate <seconds per save>` and waits to be killed. The server prints `pid <pid>`, waits for the
+  written, not yet renamed). With `calibrate` it times its first save and 8 more into a scratch folder
+  instead, prints `phase calibrate <seconds of the first save> <seconds per later save>` and waits to be
+  killed. The server prints `pid <pid>`, waits for the
   child to die (the test kills it with SIGKILL) and prints `dead <pid> <wait status>`. A child whose save
   raises prints `error <message>` and exits with status 3.
 - `quit`: exit.
@@ -71,14 +72,19 @@ def _arm(phase: str) -> None:
 
 
 def _calibrate(models: dict) -> None:
-    """Time saves in a forked child (as the savers are), into a scratch folder, then wait to be killed."""
+    """Time saves in a forked child (as the savers are), into a scratch folder, then wait to be killed.
+
+    Reports the first save, which is the one the random kills aim at: in a fresh fork it is several times slower
+    than the later ones (copy-on-write faults, first use of the folder), and then the steady per-save time."""
     with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
         models["A"].save_pretrained(scratch)
+        first = time.perf_counter() - start
         start, count = time.perf_counter(), 8
         for turn in range(count):
             models["BA"[turn % 2]].save_pretrained(scratch)
         per_save = (time.perf_counter() - start) / count
-    _wait_forever(f"calibrate {per_save:.6f}")
+    _wait_forever(f"calibrate {first:.6f} {per_save:.6f}")
 
 
 def _save_forever(models: dict, first: str, target: str, phase: str | None) -> None:
