@@ -154,3 +154,13 @@ def test_where_fishdip_and_the_fixed_mask_part() -> None:
     assert ar.shared_start_sentence([ours, run("fixed-fish", 1)]) == []
     [line] = ar.shared_start_sentence([run("fishdip", 0), run("fixed-fish", 0)])
     assert "seed 0: through step 6, no refresh" in line and "follows from the refreshes" not in line
+
+
+def test_recorded_commands_show_paths_inside_the_checkout_relative_to_it(tmp_path) -> None:
+    checkout = ar.Path(ar.__file__).resolve().parents[2]
+    results = checkout / "benchmarks" / "results" / "conll04" / "authors_regime"
+    command = f"python -m benchmarks.conll04.authors --grid --results-dir {results} --checkpoint-root /elsewhere/state"
+    write(tmp_path, run("fishdip", 0, command=command))
+    text = ar.write_report(tmp_path).read_text(encoding="utf-8")
+    assert ("- `python -m benchmarks.conll04.authors --grid --results-dir benchmarks/results/conll04/authors_regime "
+            "--checkpoint-root /elsewhere/state`") in text

@@ -511,7 +511,8 @@ def write_report(folder: str | Path = authors.RESULTS) -> Path:
     lines += ["## Learning rates of LoRA and full fine-tuning (dev)", ""] + lr_section(folder) + [""]
     lines += ["## Commands", "", "- the grid: `python -m benchmarks.conll04.authors --grid --commit`",
               f"- this report: `{COMMAND}`"]
-    recorded = sorted({r["command"] for r in records if r.get("command")})
+    checkout = str(Path(__file__).resolve().parents[2]) + "/"  # paths inside the checkout are shown relative to it
+    recorded = sorted({r["command"].replace(checkout, "") for r in records if r.get("command")})
     if recorded:
         lines += ["", "Commands recorded in the run JSONs:", ""] + [f"- `{c}`" for c in recorded]
     path = folder / "REPORT.md"
